@@ -1,0 +1,103 @@
+"""Default experiment: a small byte-level MoE decoder LM on the interpreter's stdlib sources.
+
+    python -m moe_jax.main --config=configs/default.py --workdir=/tmp/moe_default
+    python -m moe_jax.main --config=configs/default.py:dense --workdir=/tmp/dense_default
+
+Variants (big_vision style, `--config=configs/default.py:VARIANT`):
+  (none)  MoE FFN in every other layer: 8 experts, token-choice top-2, dropless.
+  dense   The dense baseline with the same active FLOPs per token: every FFN is an MLP whose
+          hidden size equals top_k * expert_hidden_dim.
+  tiny    A seconds-long run on the synthetic task, used by the tests.
+"""
+import ml_collections
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config; `variant` is the text after ':' in --config."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, data order and router noise.
+
+  config.model = model = ml_collections.ConfigDict()
+  model.vocab_size = 259  # seqio.ByteVocabulary: 3 special ids (pad 0, eos 1, unk 2) + 256 bytes.
+  model.d_model = 128  # Residual stream width D.
+  model.num_layers = 4  # Decoder blocks.
+  model.num_heads = 4  # Attention heads.
+  model.head_dim = 32  # Per-head width; num_heads * head_dim need not equal d_model.
+  model.mlp_dim = 512  # Hidden size F of the dense FFN layers.
+  model.max_len = 512  # Longest sequence the model accepts (RoPE needs no table; checked vs seq_len).
+  model.dtype = "float32"  # Activation/compute dtype ("float32" | "bfloat16").
+  model.param_dtype = "float32"  # Parameter storage dtype.
+  model.moe_every = 2  # Every n-th FFN is an MoE layer (layers n-1, 2n-1, ...); 0 = dense model.
+  model.remat = False  # Rematerialise each block in the backward pass (saves memory, costs FLOPs).
+  model.activation = "swiglu"  # FFN activation, shared by MLP and experts ("swiglu" | "gelu").
+  model.tie_embeddings = True  # Output projection reuses the input embedding.
+  model.rope_base = 10_000.0  # RoPE wavelength base.
+  model.norm_eps = 1e-6  # RMSNorm epsilon.
+
+  model.moe = moe = ml_collections.ConfigDict()
+  moe.router = "token_choice"  # Routing method ("token_choice").
+  moe.num_experts = 8  # Routed experts E.
+  moe.top_k = 2  # Experts per token K.
+  moe.capacity_factor = None  # None = dropless; a float > 0 = capacity buffers with dropping.
+  moe.group_size = 0  # Tokens per capacity group; 0 = one sequence per group. Must divide B*S.
+  moe.expert_hidden_dim = 256  # Hidden size of each expert; K * this = dense mlp_dim (equal FLOPs).
+  moe.num_shared_experts = 0  # Always-on experts beside the routed ones (DeepSeekMoE).
+  moe.normalize_top_k = True  # Renormalise the K selected probabilities to sum to 1 (Mixtral).
+  moe.load_balance_loss_weight = 0.01  # Switch Transformer balance loss coefficient (alpha).
+  moe.router_z_loss_weight = 1e-3  # ST-MoE router z-loss coefficient.
+  moe.gmm_backend = "auto"  # Grouped matmul backend ("auto" | "xla" | "reference" | ...).
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data-parallel axis size; -1 = all remaining devices.
+  mesh.fsdp = 1  # Fully-sharded data-parallel axis size.
+  mesh.expert = 1  # Expert-parallel axis size (must divide num_experts).
+  mesh.tensor = 1  # Tensor-parallel axis size.
+
+  config.data = data = ml_collections.ConfigDict()
+  data.task = "stdlib_bytes"  # seqio task ("stdlib_bytes" | "text_files" | "synthetic").
+  data.path = ""  # Glob of text files for task "text_files".
+  data.batch_size = 16  # Global batch size B (sequences per step).
+  data.seq_len = 128  # Tokens per sequence S.
+  data.reader = "auto"  # "seqio" | "numpy" | "auto" (seqio when TensorFlow imports, else numpy).
+  data.eval_batches = 8  # Validation batches per evaluation.
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 1500  # Optimiser steps.
+  train.learning_rate = 3e-3  # Peak learning rate after warmup.
+  train.warmup_steps = 100  # Linear warmup steps.
+  train.end_learning_rate_fraction = 0.1  # Cosine decays to this fraction of the peak.
+  train.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only).
+  train.b1 = 0.9  # AdamW beta1.
+  train.b2 = 0.95  # AdamW beta2.
+  train.grad_clip_norm = 1.0  # Global gradient-norm clipping; 0 disables.
+  train.log_every = 50  # Steps between training log lines / summaries.
+  train.eval_every = 250  # Steps between evaluations (and at the end).
+  train.checkpoint_every = 500  # Steps between checkpoints (and at the end).
+  train.keep_checkpoints = 3  # Checkpoints kept on disk.
+
+  if variant in (None, ""):
+    pass
+  elif variant == "dense":
+    model.moe_every = 0
+    model.mlp_dim = moe.top_k * moe.expert_hidden_dim
+  elif variant == "tiny":
+    model.d_model = 32
+    model.num_layers = 2
+    model.num_heads = 2
+    model.head_dim = 16
+    model.mlp_dim = 64
+    model.max_len = 64
+    moe.num_experts = 4
+    moe.expert_hidden_dim = 32
+    data.task = "synthetic"
+    data.batch_size = 8
+    data.seq_len = 32
+    data.eval_batches = 2
+    train.steps = 40
+    train.warmup_steps = 5
+    train.log_every = 10
+    train.eval_every = 20
+    train.checkpoint_every = 20
+  else:
+    raise ValueError(f"Unknown config variant {variant!r}; allowed: '', 'dense', 'tiny'.")
+  return config

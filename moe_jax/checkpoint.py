@@ -1,0 +1,90 @@
+"""Orbax checkpointing of the training state, and preemption (SIGTERM/SIGINT) handling.
+
+The state is a plain pytree (dicts of arrays, optax state) saved with its shardings. Restoring takes an
+abstract target whose `sharding`s may differ from the saved ones: orbax reshards on load, so a run may
+resume on another mesh.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of `state`: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class Checkpointer:
+  """Saves and restores the training state under `<workdir>/checkpoints/<step>`."""
+
+  def __init__(self, workdir: str, *, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any) -> None:
+    """Saves asynchronously; call `wait` before reading the files or exiting."""
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores step `step` onto `target` (a pytree of arrays or ShapeDtypeStructs)."""
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class PreemptionGuard:
+  """Turns SIGTERM/SIGINT into a flag that the training loop polls between steps.
+
+  The loop then saves a checkpoint and returns normally. A second signal of the same kind while the
+  flag is set falls back to the default behaviour (a user pressing Ctrl-C twice really wants out).
+  Outside the main thread (where Python cannot install handlers) the guard is inert.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.received = signum
+    logging.warning("Received %s: will save a checkpoint and stop after this step.",
+                    signal.Signals(signum).name)
+
+  @property
+  def stop_requested(self) -> bool:
+    return self.received is not None

@@ -1,0 +1,332 @@
+"""Byte-level LM data: corpora, seqio/NumPy tokenisation, packing and step-addressable batches.
+
+Tokens follow `seqio.ByteVocabulary()`: id = byte + 3, pad 0, eos 1, unk 2 (259 ids), so one token
+is one byte. Every document gets EOS appended; documents are concatenated in sorted name order and
+the stream is cut into consecutive, non-overlapping chunks of `seq_len + 1` tokens (packing without
+padding; the trailing partial chunk is dropped). A chunk gives inputs = chunk[:-1] and
+targets = chunk[1:].
+
+Corpora (`config.data.task`), none of which downloads anything:
+  stdlib_bytes  The running interpreter's standard-library `.py` files, read as bytes, without any
+                `site-packages` / `dist-packages` directory.
+  text_files    The files matching the glob `config.data.path` (recursive `**` allowed).
+  synthetic     A deterministic first-order Markov chain over 16 characters (NumPy, fixed seeds):
+                about 1.4 bits/byte of true entropy against about 4 bits/byte for a unigram model.
+
+Split rule for files: a file is in "validation" when `zlib.crc32(relpath.encode()) % 20 == 0`, else
+in "train", where relpath is the POSIX path relative to the stdlib root (stdlib_bytes) or to the
+glob's leading non-wildcard directory (text_files). So the split of a file never depends on which
+other files exist. For text_files, if that leaves a split empty and there are >= 2 files, the last
+sorted file moves to validation (or the first to train); a single file is split by bytes, the
+first 95% to train and the last 5% to validation.
+
+Readers (`config.data.reader`) build identical arrays: "seqio" tokenises through registered seqio
+tasks (TensorFlow is imported only then, see `data_seqio.py`), "numpy" is a plain reimplementation
+for hosts without TensorFlow, and "auto" picks seqio when it imports.
+"""
+from collections.abc import Iterator
+import glob
+import math
+import os
+import pathlib
+import sysconfig
+import zlib
+
+import numpy as np
+
+TASKS = ("stdlib_bytes", "text_files", "synthetic")
+READERS = ("auto", "seqio", "numpy")
+SPLITS = ("train", "validation")
+VOCAB_SIZE = 259
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+NUM_SPECIAL_IDS = 3
+
+# Built token arrays, keyed by (task, path, split, seq_len, reader). Arrays are read-only so that
+# no caller can corrupt what later calls get.
+_CACHE: dict[tuple[str, str, str, int, str], np.ndarray] = {}
+
+
+def bits_per_byte(loss_nats: float) -> float:
+  """Converts a per-token loss in nats to bits per byte (one token is one byte here)."""
+  return loss_nats / math.log(2)
+
+
+def file_split(relpath: str) -> str:
+  """The split of a file: "validation" when crc32(relpath) % 20 == 0, else "train"."""
+  return "validation" if zlib.crc32(relpath.encode()) % 20 == 0 else "train"
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpora: each returns the split's documents as (name, bytes), in stream order.
+
+
+def _stdlib_documents(split: str) -> list[tuple[str, bytes]]:
+  root = sysconfig.get_paths()["stdlib"]
+  relpaths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
+    for filename in filenames:
+      full = os.path.join(dirpath, filename)
+      if filename.endswith(".py") and os.path.isfile(full):
+        relpaths.append(pathlib.Path(os.path.relpath(full, root)).as_posix())
+  relpaths = sorted(r for r in relpaths if file_split(r) == split)
+  return [(r, pathlib.Path(root, r).read_bytes()) for r in relpaths]
+
+
+def _glob_root(pattern: str) -> str:
+  """The leading directories of `pattern` that hold no wildcard; relpaths are taken from here."""
+  parts = pattern.split(os.sep)
+  root = []
+  for part in parts[:-1]:
+    if glob.has_magic(part):
+      break
+    root.append(part)
+  return os.sep.join(root) or ("/" if pattern.startswith("/") else ".")
+
+
+def _text_file_documents(pattern: str, split: str) -> list[tuple[str, bytes]]:
+  pattern = os.path.expanduser(pattern)
+  root = _glob_root(pattern)
+  files = sorted(
+      (pathlib.Path(os.path.relpath(f, root)).as_posix(), f)
+      for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+  if not files:
+    raise ValueError(f"data.path={pattern!r} matches no files (task 'text_files').")
+  if len(files) == 1:
+    name, full = files[0]
+    data = pathlib.Path(full).read_bytes()
+    cut = len(data) * 95 // 100
+    return [(name, data[:cut])] if split == "train" else [(name, data[cut:])]
+  in_split = [file_split(name) for name, _ in files]
+  if "validation" not in in_split:
+    in_split[-1] = "validation"
+  if "train" not in in_split:
+    in_split[0] = "train"
+  return [(name, pathlib.Path(full).read_bytes())
+          for (name, full), s in zip(files, in_split) if s == split]
+
+
+_SYNTHETIC_ALPHABET = np.frombuffer(b"etaoinshrdlcum \n", np.uint8)
+_SYNTHETIC_SUCCESSOR_PROBS = (0.7, 0.1, 0.1, 0.1)
+_SYNTHETIC_DOC_BYTES = 4096
+_SYNTHETIC_DOCS = {"train": 64, "validation": 8}
+_SYNTHETIC_SEEDS = {"train": 1, "validation": 2}  # The chain itself comes from seed 0.
+
+
+def _synthetic_documents(split: str) -> list[tuple[str, bytes]]:
+  num_symbols = len(_SYNTHETIC_ALPHABET)
+  num_successors = len(_SYNTHETIC_SUCCESSOR_PROBS)
+  chain_rng = np.random.default_rng(0)
+  successors = np.stack([chain_rng.choice(num_symbols, num_successors, replace=False)
+                         for _ in range(num_symbols)]).tolist()
+  rng = np.random.default_rng(_SYNTHETIC_SEEDS[split])
+  num_docs = _SYNTHETIC_DOCS[split]
+  choices = rng.choice(num_successors, size=(num_docs, _SYNTHETIC_DOC_BYTES),
+                       p=_SYNTHETIC_SUCCESSOR_PROBS).tolist()
+  starts = rng.integers(num_symbols, size=num_docs).tolist()
+  docs = []
+  for d in range(num_docs):
+    state, states = starts[d], []
+    for c in choices[d]:  # Sequential by nature; ~300K steps of plain Python take ~0.1 s.
+      states.append(state)
+      state = successors[state][c]
+    docs.append((f"synthetic/{split}/{d:03d}", _SYNTHETIC_ALPHABET[states].tobytes()))
+  return docs
+
+
+def documents(task: str, path: str, split: str) -> list[tuple[str, bytes]]:
+  """The raw documents of `split` of `task` as (name, bytes), in stream (sorted name) order."""
+  if task == "stdlib_bytes":
+    return _stdlib_documents(split)
+  if task == "text_files":
+    return _text_file_documents(path, split)
+  if task == "synthetic":
+    return _synthetic_documents(split)
+  raise ValueError(f"data.task={task!r} is not one of {TASKS}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation and packing.
+
+
+def _numpy_stream(docs: list[bytes]) -> np.ndarray:
+  """ByteVocabulary ids of the docs, each followed by EOS, concatenated: int32 [sum(len+1)]."""
+  lengths = np.array([len(d) + 1 for d in docs], np.int64)
+  stream = np.full(int(lengths.sum()), EOS_ID, np.int32)
+  is_byte = np.ones(len(stream), bool)
+  is_byte[np.cumsum(lengths) - 1] = False
+  stream[is_byte] = np.frombuffer(b"".join(docs), np.uint8).astype(np.int32) + NUM_SPECIAL_IDS
+  return stream
+
+
+def seqio_task_name(task: str, path: str = "") -> str:
+  """Name of the seqio task serving `task`; text_files tasks carry a hash of their glob."""
+  if task == "text_files":
+    return f"moe_jax_text_files_{zlib.crc32(path.encode()):08x}"
+  return f"moe_jax_{task}"
+
+
+def _seqio_stream(task: str, path: str, split: str) -> np.ndarray:
+  from moe_jax import data_seqio  # pylint: disable=g-import-not-at-top  (TensorFlow loads here)
+  name = seqio_task_name(task, path)
+  data_seqio.register_task(name, lambda s: [d for _, d in documents(task, path, s)])
+  return data_seqio.token_stream(name, split)
+
+
+def _resolve_reader(reader: str) -> str:
+  if reader != "auto":
+    return reader
+  try:
+    from moe_jax import data_seqio  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return "numpy"
+  return "seqio"
+
+
+def _pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
+  """Cuts the stream into consecutive chunks of seq_len + 1 tokens: uint16 [N, seq_len + 1]."""
+  num_chunks = len(stream) // (seq_len + 1)
+  return stream[:num_chunks * (seq_len + 1)].astype(np.uint16).reshape(num_chunks, seq_len + 1)
+
+
+def build_tokens(task: str, path: str, split: str, seq_len: int, reader: str) -> np.ndarray:
+  """The packed, read-only token array of a split: uint16 [N, seq_len + 1].
+
+  Cached per process by (task, path, split, seq_len, reader); edits to the files after the first
+  call are not seen.
+  """
+  key = (task, path if task == "text_files" else "", split, seq_len, reader)
+  if key not in _CACHE:
+    if reader == "seqio":
+      stream = _seqio_stream(task, key[1], split)
+    else:
+      stream = _numpy_stream([d for _, d in documents(task, key[1], split)])
+    tokens = _pack(stream, seq_len)
+    tokens.setflags(write=False)
+    _CACHE[key] = tokens
+  return _CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching.
+
+
+class TokenDataset:
+  """Fixed token chunks with deterministic, step-addressable batches.
+
+  Attributes:
+    tokens: [N, S + 1] integer chunks; inputs are [:, :-1], targets [:, 1:].
+    name: a description ("task/split") used in error messages.
+  """
+
+  def __init__(self, tokens: np.ndarray, name: str = "dataset"):
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+      raise ValueError(f"{name}: tokens must be [N, S+1] with S >= 1, got shape {tokens.shape}.")
+    self.tokens = tokens
+    self.name = name
+    self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return self.tokens.shape[0]
+
+  def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+    key = (seed, epoch)
+    if key not in self._permutations:
+      if len(self._permutations) >= 4:  # A batch touches at most two epochs when B <= N.
+        self._permutations.pop(next(iter(self._permutations)))
+      self._permutations[key] = np.random.default_rng([seed, epoch]).permutation(len(self))
+    return self._permutations[key]
+
+  def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    chunks = self.tokens[rows].astype(np.int32)
+    targets = chunks[:, 1:]
+    return {"inputs": chunks[:, :-1], "targets": targets,
+            "weights": (targets != PAD_ID).astype(np.float32)}
+
+  def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    """Batch `step` of an endless shuffled stream; a pure function of (step, batch_size, seed).
+
+    Position p = step * B + i (i < B) of the stream is chunk perm_e[p % N] with epoch
+    e = p // N and perm_e = default_rng([seed, e]).permutation(N), so a batch may straddle two
+    epochs and a resumed run sees exactly the batches it would have seen.
+
+    Args:
+      step: the batch index, >= 0.
+      batch_size: B, > 0.
+      seed: a non-negative integer seed for the epoch permutations.
+
+    Returns:
+      {"inputs": int32 [B, S], "targets": int32 [B, S], "weights": float32 [B, S]}; weights are
+      0 on pad targets (none occur with packing) and 1 elsewhere.
+    """
+    if step < 0 or batch_size <= 0 or seed < 0:
+      raise ValueError(f"{self.name}: need step >= 0, batch_size > 0, seed >= 0; got "
+                       f"step={step}, batch_size={batch_size}, seed={seed}.")
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, len(self))
+    rows = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+      in_epoch = epochs == epoch
+      rows[in_epoch] = self._permutation(seed, int(epoch))[offsets[in_epoch]]
+    return self._batch(rows)
+
+  def eval_batches(self, batch_size: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """Up to `num_batches` full batches of the first chunks in order (no shuffle, no wrap).
+
+    Args:
+      batch_size: B, > 0.
+      num_batches: the most batches to yield.
+
+    Returns:
+      An iterator of batches shaped like `train_batch`'s.
+
+    Raises:
+      ValueError: if not even one full batch exists.
+    """
+    count = min(num_batches, len(self) // batch_size) if batch_size > 0 else 0
+    if count <= 0:
+      raise ValueError(f"{self.name} has {len(self)} chunks: not one evaluation batch of "
+                       f"batch_size={batch_size} (num_batches={num_batches}). Use a smaller "
+                       "data.batch_size or data.seq_len, or a larger corpus.")
+    return (self._batch(np.arange(b * batch_size, (b + 1) * batch_size)) for b in range(count))
+
+  def unigram_entropy_bits(self) -> float:
+    """Entropy (bits/token) of the targets' empirical token distribution: the unigram baseline."""
+    counts = np.bincount(self.tokens[:, 1:].ravel(), minlength=VOCAB_SIZE)
+    probs = counts[counts > 0] / counts.sum()
+    return float(-(probs * np.log2(probs)).sum())
+
+
+def load_dataset(data_config, split: str) -> TokenDataset:
+  """Loads `split` of the task named by `data_config` (fields task, path, seq_len, reader).
+
+  Args:
+    data_config: an ml_collections.ConfigDict like `config.data` in configs/default.py.
+    split: "train" or "validation".
+
+  Returns:
+    A TokenDataset whose tokens are [N, seq_len + 1].
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed, for an unknown task, split or
+      reader, a non-positive seq_len, a glob matching no file, or a split too small for one chunk.
+  """
+  task, reader = data_config.task, data_config.reader
+  path, seq_len = data_config.get("path", "") or "", data_config.seq_len
+  if task not in TASKS:
+    raise ValueError(f"data.task={task!r} is not allowed; allowed: {TASKS}.")
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r} is not allowed; allowed: {SPLITS}.")
+  if reader not in READERS:
+    raise ValueError(f"data.reader={reader!r} is not allowed; allowed: {READERS}.")
+  if not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"data.seq_len={seq_len!r} is not allowed; allowed: an integer >= 1.")
+  if task == "text_files" and not path:
+    raise ValueError(f"data.path={path!r} is empty; task 'text_files' needs a glob of files.")
+  tokens = build_tokens(task, path, split, seq_len, _resolve_reader(reader))
+  name = f"task {task!r} split {split!r}" + (
+      f" (data.path={path!r})" if task == "text_files" else "")
+  if len(tokens) == 0:
+    raise ValueError(f"{name} is too small for one chunk of data.seq_len + 1 = {seq_len + 1} "
+                     "tokens; lower data.seq_len or add data.")
+  return TokenDataset(tokens, name)

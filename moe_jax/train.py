@@ -1,0 +1,277 @@
+"""Training and evaluation: pure, jitted step functions over explicit shardings, and the loop.
+
+The model lives as (graphdef, params): `params` is a nested dict of arrays (nnx pure dict), merged
+back into the NNX module inside the step. The training state is a plain pytree
+{"step", "params", "opt_state"} that orbax saves and restores. Batch number s is a pure function of
+s (see `data.TokenDataset.train_batch`), so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from moe_jax import checkpoint, data, sharding
+from moe_jax.models.transformer import Transformer
+from moe_jax.validation import validate_config
+
+State = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------- the model
+
+
+def build_model(config, mesh):
+  """Returns (graphdef, params, param_shardings); params are initialised directly sharded."""
+  seed = config.seed
+
+  def create():
+    return Transformer(config.model, rngs=nnx.Rngs(params=seed))
+
+  abstract = nnx.eval_shape(create)
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  shardings = nnx.to_pure_dict(sharding.state_shardings(mesh, abstract_params))
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.to_pure_dict(nnx.state(create(), nnx.Param))
+
+  return graphdef, init(), shardings
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup + cosine decay and global-norm clipping; decay on matrices only."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train_config.learning_rate,
+      warmup_steps=train_config.warmup_steps,
+      decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+      end_value=train_config.learning_rate * train_config.end_learning_rate_fraction)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  adamw = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                      weight_decay=train_config.weight_decay, mask=decay_mask)
+  if train_config.grad_clip_norm:
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
+  return adamw, schedule
+
+
+def optimizer_shardings(tx, params, param_shardings, mesh):
+  """Optimizer-state shardings: moments shard like their parameters, counters are replicated."""
+  abstract_state = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, param_sharding: param_sharding, abstract_state,
+                               param_shardings,
+                               transform_non_params=lambda _: sharding.replicated(mesh))
+
+
+# ------------------------------------------------------------------------------------- the steps
+
+
+def loss_fn(params, batch, graphdef) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  """Token-weighted mean cross-entropy plus the MoE auxiliary loss; returns (total, (ce, aux))."""
+  model = nnx.merge(graphdef, params)
+  logits, aux = model(batch["inputs"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weights = batch["weights"]
+  ce_loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return ce_loss + aux["loss"], (ce_loss, aux)
+
+
+def train_step(state: State, batch: dict, *, graphdef, tx) -> tuple[State, dict]:
+  """One optimiser step. Pure: (state, batch) -> (new state, metrics)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (total, (ce_loss, aux)), grads = grad_fn(state["params"], batch, graphdef)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": ce_loss, "total_loss": total, "grad_norm": optax.tree.norm(grads)}
+  metrics.update({f"aux/{name}": value for name, value in aux.items()})
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+
+def eval_step(params, batch: dict, *, graphdef) -> dict:
+  """Summed token cross-entropy and token count of one batch (summed over batches by the caller)."""
+  model = nnx.merge(graphdef, params)
+  logits, _ = model(batch["inputs"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return {"ce_sum": jnp.sum(ce * batch["weights"]), "weight_sum": jnp.sum(batch["weights"])}
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+
+class _LoggingOnlyWriter:
+  """Stand-in for clu's writer where TensorFlow/TensorBoard are absent: summaries are skipped."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _summary_writer(workdir: str):
+  """TensorBoard summaries in `workdir` (process 0 only; the console log is written separately)."""
+  if jax.process_index() > 0:
+    return _LoggingOnlyWriter()
+  try:
+    from clu.metric_writers import SummaryWriter  # imports TensorFlow and TensorBoard
+  except ImportError as e:
+    logging.warning("TensorBoard summaries disabled (%s); logging to the console only.", e)
+    return _LoggingOnlyWriter()
+  return SummaryWriter(workdir)
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _device_batch(np_batch: dict, batch_sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in np_batch.items()}
+
+
+def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding) -> dict:
+  """Validation loss (nats/token) and bits per byte over `config.data.eval_batches` batches."""
+  ce_sum, weight_sum = 0.0, 0.0
+  for np_batch in eval_dataset.eval_batches(config.data.batch_size, config.data.eval_batches):
+    out = jax.device_get(eval_fn(params, _device_batch(np_batch, batch_sharding)))
+    ce_sum += float(out["ce_sum"])
+    weight_sum += float(out["weight_sum"])
+  loss = ce_sum / max(weight_sum, 1.0)
+  return {"eval/loss": loss, "eval/bits_per_byte": data.bits_per_byte(loss)}
+
+
+def write_config(config, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       step_callback: Callable[[int, dict], None] | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics.
+
+  Args:
+    config: the experiment ConfigDict (configs/default.py).
+    workdir: checkpoints, config.json and TensorBoard summaries go here.
+    step_callback: called as step_callback(step, metrics) after every step with the host metrics
+      (tests use it to record losses and to simulate preemption).
+
+  Returns:
+    {"step", "train/loss", "eval/loss", "eval/bits_per_byte", "preempted"}.
+  """
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh)
+  # Data first: a bad path or task fails before the workdir is touched.
+  train_data = data.load_dataset(config.data, "train")
+  eval_data = data.load_dataset(config.data, "validation")
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_config(config, workdir)
+  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
+  logging.info("Data %s: %d train / %d validation sequences of %d tokens; train unigram entropy "
+               "%.3f bits/byte (the loss a context-free model reaches).", config.data.task,
+               len(train_data), len(eval_data), config.data.seq_len,
+               train_data.unigram_entropy_bits())
+
+  graphdef, params, param_shardings = build_model(config, mesh)
+  logging.info("Model: %s parameters.", f"{count_params(params):,}")
+  tx, schedule = make_optimizer(config.train)
+  opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_shardings,
+                                                               mesh))(params)
+  step0 = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  state = {"step": step0, "params": params, "opt_state": opt_state}
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(latest, state)
+    logging.info("restored step %d from %s", latest, os.path.join(ckpt.directory, str(latest)))
+
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
+                    in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                    in_shardings=(param_shardings, batch_sharding),
+                    out_shardings=sharding.replicated(mesh))
+  writer = _summary_writer(workdir)
+  total_steps = config.train.steps
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  step = int(jax.device_get(state["step"]))
+  result = {"step": step, "preempted": False}
+  if step >= total_steps:
+    logging.info("Checkpoint step %d >= train.steps=%d: nothing to train.", step, total_steps)
+
+  first_step = step + 1  # its time includes compilation
+  window_start, window_steps = time.perf_counter(), 0
+  with checkpoint.PreemptionGuard() as guard:
+    while step < total_steps:
+      np_batch = train_data.train_batch(step, config.data.batch_size, config.seed)
+      state, metrics = step_fn(state, _device_batch(np_batch, batch_sharding))
+      step += 1
+      window_steps += 1
+      is_last = step == total_steps
+      if step_callback is not None:
+        step_callback(step, jax.device_get(metrics))
+      if step % config.train.log_every == 0 or is_last or step == first_step:
+        host = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / window_steps
+        scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+        scalars.update({"learning_rate": float(schedule(step - 1)), "step_time_s": step_time,
+                        "tokens_per_s": tokens_per_step / step_time})
+        writer.write_scalars(step, scalars)
+        aux_text = " ".join(f"{k[4:] if k != 'aux/loss' else 'aux_loss'} {v:.4g}"
+                            for k, v in sorted(scalars.items()) if k.startswith("aux/"))
+        logging.info("step %d/%d loss %.4f %s lr %.3g grad_norm %.3g | %.0f tokens/s, %.3fs/step%s,"
+                     " ETA %s", step, total_steps, scalars["loss"], aux_text,
+                     scalars["learning_rate"], scalars["grad_norm"], scalars["tokens_per_s"],
+                     step_time, " (incl. compile)" if step == first_step else "",
+                     _format_duration((total_steps - step) * step_time))
+        result["train/loss"] = scalars["loss"]
+        window_start, window_steps = time.perf_counter(), 0
+      stop = guard.stop_requested
+      pause_start = time.perf_counter()
+      if step % config.train.eval_every == 0 or is_last:
+        eval_metrics = evaluate(state["params"], eval_data, config, eval_fn=eval_fn,
+                                batch_sharding=batch_sharding)
+        writer.write_scalars(step, eval_metrics)
+        logging.info("step %d/%d eval loss %.4f (%.4f bits/byte)", step, total_steps,
+                     eval_metrics["eval/loss"], eval_metrics["eval/bits_per_byte"])
+        result.update(eval_metrics)
+      if step % config.train.checkpoint_every == 0 or is_last or stop:
+        ckpt.save(step, state)
+        logging.info("saved checkpoint for step %d in %s", step, ckpt.directory)
+      if stop:
+        logging.warning("Stopping at step %d after %s; rerun the same command to resume.", step,
+                        "SIGTERM" if guard.received == 15 else "a signal")
+        result["preempted"] = True
+        break
+      # Evaluation and checkpointing stay out of the training throughput.
+      window_start += time.perf_counter() - pause_start
+  ckpt.close()
+  writer.flush()
+  result["step"] = step
+  return result

@@ -1,0 +1,136 @@
+"""Whole-config validation, run before any compute or file write.
+
+`validate_config` collects every problem and raises one `ConfigError` whose lines each name the field,
+the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from moe_jax import data, routing, sharding
+from moe_jax.experts import ACTIVATIONS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message lists every bad field."""
+
+
+def _check(problems: list[str], config, path: str, allowed: str,
+           predicate: Callable[[Any], bool]) -> None:
+  """Records a problem unless `predicate(value)` holds for the field at dotted `path`."""
+  node = config
+  *parents, leaf = path.split(".")
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    problems.append(f"config.{path} is missing; expected {allowed}.")
+    return
+  value = node[leaf]
+  try:
+    ok = predicate(value)
+  except TypeError:
+    ok = False
+  if not ok:
+    problems.append(f"config.{path}={value!r} is invalid; allowed: {allowed}.")
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _nonnegative_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _nonnegative_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def validate_config(config, num_devices: int | None = None) -> None:
+  """Checks model, MoE, mesh, data and train fields; raises ConfigError listing every problem.
+
+  Args:
+    config: the experiment ConfigDict (see configs/default.py).
+    num_devices: devices the mesh must fit on (default: `jax.device_count()`).
+  """
+  import pallas_kernels  # the backend list lives with the kernels
+
+  problems: list[str] = []
+  check = lambda path, allowed, predicate: _check(problems, config, path, allowed, predicate)
+
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim", "max_len"):
+    check(f"model.{name}", "a positive integer", _positive_int)
+  check("model.head_dim", "an even integer (RoPE rotates pairs)", lambda v: v % 2 == 0)
+  check("model.dtype", f"one of {DTYPES}", lambda v: v in DTYPES)
+  check("model.param_dtype", f"one of {DTYPES}", lambda v: v in DTYPES)
+  check("model.moe_every", "an integer >= 0 (0 = dense)", _nonnegative_int)
+  check("model.activation", f"one of {ACTIVATIONS}", lambda v: v in ACTIVATIONS)
+
+  moe = config.model.moe
+  if config.model.get("moe_every", 0):
+    check("model.moe.router", f"one of {routing.ROUTERS}", lambda v: v in routing.ROUTERS)
+    check("model.moe.num_experts", "a positive integer", _positive_int)
+    check("model.moe.top_k", f"an integer in [1, num_experts={moe.get('num_experts')}]",
+          lambda v: _positive_int(v) and v <= moe.num_experts)
+    check("model.moe.capacity_factor", "None (dropless) or a number > 0",
+          lambda v: v is None or (_nonnegative_number(v) and v > 0))
+    check("model.moe.group_size", "an integer >= 0 (0 = one sequence per group)", _nonnegative_int)
+    check("model.moe.expert_hidden_dim", "a positive integer", _positive_int)
+    check("model.moe.num_shared_experts", "an integer >= 0", _nonnegative_int)
+    check("model.moe.load_balance_loss_weight", "a number >= 0", _nonnegative_number)
+    check("model.moe.router_z_loss_weight", "a number >= 0", _nonnegative_number)
+    check("model.moe.gmm_backend", f"one of {pallas_kernels.BACKENDS}",
+          lambda v: v in pallas_kernels.BACKENDS)
+    group_size = moe.get("group_size", 0)
+    tokens = config.data.batch_size * config.data.seq_len
+    if moe.get("capacity_factor") is not None and _positive_int(group_size) and tokens % group_size:
+      problems.append(f"config.model.moe.group_size={group_size} must divide the tokens per batch "
+                      f"(batch_size * seq_len = {tokens}).")
+
+  check("data.task", f"one of {data.TASKS}", lambda v: v in data.TASKS)
+  check("data.reader", f"one of {data.READERS}", lambda v: v in data.READERS)
+  check("data.batch_size", "a positive integer", _positive_int)
+  check("data.seq_len", f"a positive integer <= model.max_len={config.model.get('max_len')}",
+        lambda v: _positive_int(v) and v <= config.model.max_len)
+  check("data.eval_batches", "a positive integer", _positive_int)
+  if config.data.get("task") == "text_files":
+    check("data.path", "a non-empty glob of text files (needed by task 'text_files')", bool)
+  check("model.vocab_size", "at least 259 (byte vocabulary: 256 bytes + pad, eos, unk)",
+        lambda v: v >= 259)
+
+  for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    check(f"train.{name}", "a positive integer", _positive_int)
+  check("train.warmup_steps", "an integer >= 0", _nonnegative_int)
+  check("train.learning_rate", "a number > 0", lambda v: _nonnegative_number(v) and v > 0)
+  check("train.grad_clip_norm", "a number >= 0 (0 disables clipping)", _nonnegative_number)
+  check("train.weight_decay", "a number >= 0", _nonnegative_number)
+
+  _check_mesh(problems, config, num_devices)
+  if problems:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
+  """Mesh fits the devices, experts split evenly over `expert`, the batch over the batch axes."""
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  try:
+    sizes = sharding.resolve_mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    problems.append(str(e))
+    return
+  moe = config.model.moe
+  if config.model.get("moe_every", 0) and _positive_int(moe.get("num_experts")):
+    if moe.num_experts % sizes["expert"]:
+      problems.append(f"config.model.moe.num_experts={moe.num_experts} must be divisible by "
+                      f"config.mesh.expert={sizes['expert']}.")
+  shards = 1
+  for axis in sharding.BATCH_AXES:
+    shards *= sizes[axis]
+  batch_size = config.data.get("batch_size")
+  if _positive_int(batch_size) and batch_size % shards:
+    problems.append(f"config.data.batch_size={batch_size} must be divisible by the batch shards "
+                    f"{' * '.join(sharding.BATCH_AXES)} = {shards} of mesh {sizes}.")
