@@ -67,7 +67,8 @@ def expert_capacity(group_tokens: int, num_experts: int, top_k: int, capacity_fa
   """C = ceil(capacity_factor * N * K / E) slots per expert and group of N tokens (GShard, Alg. 1)."""
   if capacity_factor is None or capacity_factor <= 0:
     raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}.")
-  return max(1, math.ceil(capacity_factor * group_tokens * top_k / num_experts))
+  # Rounded first so that e.g. 1.1 * 100 / 10 = 11.000000000000002 gives 11, not 12.
+  return max(1, math.ceil(round(capacity_factor * group_tokens * top_k / num_experts, 6)))
 
 
 @flax.struct.dataclass
@@ -114,7 +115,8 @@ def capacity_dispatch(x: jax.Array, expert_index: jax.Array, plan: CapacityPlan,
   expert = jnp.where(plan.kept, expert_index, num_experts)
   values = jnp.broadcast_to(x[:, :, None, :], (groups, group_tokens, top_k, x.shape[-1]))
   buffers = jnp.zeros((num_experts, groups, plan.capacity, x.shape[-1]), x.dtype)
-  return buffers.at[expert, group_id, plan.slot].set(values, mode="drop", unique_indices=True)
+  # Not unique_indices: every dropped assignment shares the same out-of-bounds index.
+  return buffers.at[expert, group_id, plan.slot].set(values, mode="drop")
 
 
 def capacity_combine(y_buffers: jax.Array, expert_index: jax.Array, combine_weight: jax.Array,

@@ -82,7 +82,8 @@ class MoELayer(nnx.Module):
       y, dropped_fraction = self._with_capacity(tokens, decision, seq)
     y = y.reshape(batch, seq, d_model)
     if self.shared_experts is not None:
-      y = y + self.shared_experts(x).astype(jnp.float32)
+      shared = self.shared_experts(x).astype(jnp.float32)
+      y = y + shared * valid.reshape(batch, seq, 1)  # padding gets no output from any expert
 
     balance = losses.switch_load_balance_loss(decision)
     z_loss = losses.router_z_loss(decision)

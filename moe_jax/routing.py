@@ -2,7 +2,7 @@
 
 A sparse routing decision is in *index form* ("Routers in Vision Mixture of Experts", 2024): for each of
 the T tokens, K (expert, weight) pairs. It never materialises a T x E x C tensor; slots inside capacity
-buffers are assigned later by the dispatch (`dispatch.capacity_slots`), so one decision works with the
+buffers are assigned later by the dispatch (`dispatch.capacity_plan`), so one decision works with the
 dropless and the capacity dispatch alike.
 
 An assignment whose expert index equals `num_experts` is "unassigned" (a padding token, for instance):
@@ -48,14 +48,16 @@ def token_choice_top_k(logits: jax.Array, top_k: int, *, valid: jax.Array | None
 
   probs = softmax(logits) in float32, taken *before* the top-k so that even K=1 gives the router a
   gradient (Switch Transformer, eq. 1-2). Ties go to the lower expert index (`lax.top_k` is stable), so
-  recomputation under remat routes identically. With `normalize`, the K weights are renormalised to sum
-  to one (Mixtral, 2024); otherwise they are the raw probabilities (Switch/GShard).
+  recomputation under remat routes identically. With `normalize` and K > 1, the K weights are
+  renormalised to sum to one (Mixtral, 2024); otherwise they are the raw probabilities
+  (Switch/GShard). At K = 1 renormalising would make every weight 1 and cut the router off from the
+  task gradient, so K = 1 always keeps the raw probability, as in Switch Transformer.
 
   Args:
     logits: [T, E] router logits (cast to float32 here).
     top_k: K, 1 <= K <= E.
     valid: [T] bool; False tokens are unassigned. Default: all valid.
-    normalize: renormalise the selected probabilities.
+    normalize: renormalise the selected probabilities (ignored at K = 1).
   """
   logits = logits.astype(jnp.float32)
   num_tokens, num_experts = logits.shape
@@ -65,7 +67,7 @@ def token_choice_top_k(logits: jax.Array, top_k: int, *, valid: jax.Array | None
     valid = jnp.ones((num_tokens,), dtype=bool)
   probs = jax.nn.softmax(logits, axis=-1)
   top_probs, top_index = jax.lax.top_k(probs, top_k)
-  if normalize:
+  if normalize and top_k > 1:
     top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
   top_index = jnp.where(valid[:, None], top_index, num_experts).astype(jnp.int32)
   top_probs = jnp.where(valid[:, None], top_probs, 0.0)
