@@ -46,6 +46,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.load_balance_loss_weight = 0.01  # Switch Transformer balance loss coefficient (alpha).
   moe.router_z_loss_weight = 1e-3  # ST-MoE router z-loss coefficient.
   moe.gmm_backend = "auto"  # Grouped matmul backend ("auto" | "xla" | "reference" | ...).
+  moe.ep_exchange = "all_to_all"  # Expert-parallel token exchange ("all_to_all" | "allgather").
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data-parallel axis size; -1 = all remaining devices.

@@ -49,33 +49,48 @@ class Experts(nnx.Module):
                    if activation == "swiglu" else None)
     self.w_down = nnx.Param(init_out(rngs.params(), shape_out, param_dtype))
 
-  def _weight(self, param: nnx.Param) -> jax.Array:
-    return param[...].astype(self.dtype)
+  def weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """(w_up [E, D, F], w_gate [E, D, F] or None, w_down [E, F, D]) in the compute dtype."""
+    cast = lambda p: None if p is None else p[...].astype(self.dtype)
+    return cast(self.w_up), cast(self.w_gate), cast(self.w_down)
 
   def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Expert FFN on rows sorted by expert: x_sorted [M, D], group_sizes [E] -> [M, D].
-
-    Rows past sum(group_sizes) come out as zeros (gmm semantics).
-    """
-    x_sorted = x_sorted.astype(self.dtype)
-
-    def gmm(lhs, rhs):
-      return pallas_kernels.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32,
-                                backend=self.gmm_backend)
-
-    up = gmm(x_sorted, self._weight(self.w_up))
-    gate = gmm(x_sorted, self._weight(self.w_gate)) if self.w_gate is not None else None
-    hidden = apply_activation(self.activation, gate, up).astype(self.dtype)
-    return gmm(hidden, self._weight(self.w_down))
+    """Expert FFN on rows sorted by expert: x_sorted [M, D], group_sizes [E] -> [M, D] float32."""
+    return grouped_ffn(x_sorted, group_sizes, self.weights(), activation=self.activation,
+                       dtype=self.dtype, backend=self.gmm_backend)
 
   def batched(self, x_buffers: jax.Array) -> jax.Array:
     """Expert FFN on per-expert buffers: x_buffers [E, R, D] -> [E, R, D] float32."""
-    x_buffers = x_buffers.astype(self.dtype)
+    return batched_ffn(x_buffers, self.weights(), activation=self.activation, dtype=self.dtype)
 
-    def bmm(lhs, rhs):
-      return jnp.einsum("erd,edf->erf", lhs, rhs, preferred_element_type=jnp.float32)
 
-    up = bmm(x_buffers, self._weight(self.w_up))
-    gate = bmm(x_buffers, self._weight(self.w_gate)) if self.w_gate is not None else None
-    hidden = apply_activation(self.activation, gate, up).astype(self.dtype)
-    return bmm(hidden, self._weight(self.w_down))
+def grouped_ffn(x_sorted: jax.Array, group_sizes: jax.Array, weights, *, activation: str, dtype,
+                backend: str = "auto") -> jax.Array:
+  """E FFNs on expert-sorted rows with `pallas_kernels.gmm`: [M, D] -> [M, D] float32.
+
+  `weights` = (w_up, w_gate or None, w_down) with a leading expert axis E = len(group_sizes).
+  Rows past sum(group_sizes) come out as zeros (gmm semantics).
+  """
+  w_up, w_gate, w_down = weights
+  x_sorted = x_sorted.astype(dtype)
+
+  def gmm(lhs, rhs):
+    return pallas_kernels.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32,
+                              backend=backend)
+
+  gate = gmm(x_sorted, w_gate) if w_gate is not None else None
+  hidden = apply_activation(activation, gate, gmm(x_sorted, w_up)).astype(dtype)
+  return gmm(hidden, w_down)
+
+
+def batched_ffn(x_buffers: jax.Array, weights, *, activation: str, dtype) -> jax.Array:
+  """E FFNs on fixed-size per-expert buffers: [E, R, D] -> [E, R, D] float32."""
+  w_up, w_gate, w_down = weights
+  x_buffers = x_buffers.astype(dtype)
+
+  def bmm(lhs, rhs):
+    return jnp.einsum("erd,edf->erf", lhs, rhs, preferred_element_type=jnp.float32)
+
+  gate = bmm(x_buffers, w_gate) if w_gate is not None else None
+  hidden = apply_activation(activation, gate, bmm(x_buffers, w_up)).astype(dtype)
+  return bmm(hidden, w_down)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax import dispatch, losses, routing, sharding
+from moe_jax import dispatch, expert_parallel, losses, routing, sharding
 from moe_jax.experts import Experts, apply_activation, ffn_init
 
 
@@ -76,7 +76,10 @@ class MoELayer(nnx.Module):
     valid = (jnp.ones((batch * seq,), bool) if mask is None else mask.reshape(-1).astype(bool))
     decision = routing.route(self.config, self.router(tokens), valid)
 
-    if self.config.capacity_factor is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if expert_parallel.expert_axis_size(mesh) > 1:
+      y, dropped_fraction = self._expert_parallel(tokens, decision, seq, mesh)
+    elif self.config.capacity_factor is None:
       y, dropped_fraction = self._dropless(tokens, decision), jnp.zeros((), jnp.float32)
     else:
       y, dropped_fraction = self._with_capacity(tokens, decision, seq)
@@ -104,6 +107,24 @@ class MoELayer(nnx.Module):
     x_sorted = dispatch.dropless_dispatch(tokens, plan, self.top_k)
     y_sorted = self.experts.grouped(x_sorted, plan.group_sizes)
     return dispatch.dropless_combine(y_sorted, plan, decision.combine_weight)
+
+  def _expert_parallel(self, tokens: jax.Array, decision: routing.RoutingDecision, seq_len: int,
+                       mesh) -> tuple[jax.Array, jax.Array]:
+    """The same computation with experts sharded over the mesh's `expert` axis (shard_map)."""
+    experts = self.experts
+    common = dict(mesh=mesh, exchange=self.config.get("ep_exchange", "all_to_all"),
+                  activation=experts.activation, dtype=experts.dtype)
+    if self.config.capacity_factor is None:
+      y = expert_parallel.dropless(tokens, decision, experts.weights(),
+                                   backend=experts.gmm_backend, **common)
+      return y, jnp.zeros((), jnp.float32)
+    group_size = self.config.get("group_size", 0) or seq_len
+    capacity = dispatch.expert_capacity(group_size, self.num_experts, self.top_k,
+                                        self.config.capacity_factor)
+    y, kept = expert_parallel.with_capacity(tokens, decision, experts.weights(),
+                                            group_size=group_size, capacity=capacity, **common)
+    assigned = jnp.sum(decision.expert_index < self.num_experts)
+    return y, (1.0 - jnp.sum(kept) / jnp.maximum(assigned, 1)).astype(jnp.float32)
 
   def _with_capacity(self, tokens: jax.Array, decision: routing.RoutingDecision,
                      seq_len: int) -> tuple[jax.Array, jax.Array]:

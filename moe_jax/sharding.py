@@ -66,17 +66,26 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None) -> P:
-  """Maps logical axis names (e.g. ("expert", "embed", "mlp")) to a mesh PartitionSpec."""
+def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> P:
+  """Maps logical axis names (e.g. ("expert", "embed", "mlp")) to a mesh PartitionSpec.
+
+  With `shape` and `mesh`, a dimension that the mesh axes would not split evenly (a 259-entry byte
+  vocabulary over tensor=2, say) stays unsharded instead of failing.
+  """
   if logical_axes is None:
     return P()
   mesh_axes = []
   used = set()
-  for name in logical_axes:
+  for dim, name in enumerate(logical_axes):
     target = LOGICAL_AXIS_RULES.get(name) if name is not None else None
     targets = (target,) if isinstance(target, str) else tuple(target or ())
     # A mesh axis may shard only one dimension of an array.
     targets = tuple(t for t in targets if t not in used)
+    if shape is not None and mesh is not None:
+      targets = tuple(t for t in targets if t in mesh.shape)
+      if shape[dim] % math.prod(mesh.shape[t] for t in targets):
+        targets = ()
     used.update(targets)
     mesh_axes.append(targets[0] if len(targets) == 1 else (targets or None))
   return P(*mesh_axes)
@@ -93,12 +102,14 @@ def logical(initializer, names: tuple[str | None, ...]):
 
 
 def state_shardings(mesh: Mesh, state) -> object:
-  """NamedShardings for an `nnx.State` (same tree), from each Variable's logical axis names."""
+  """NamedShardings for an abstract `nnx.State`, as a pure dict, from the logical axis names."""
   import flax.nnx as nnx
 
-  logical_specs = nnx.get_partition_spec(state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec))), logical_specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = nnx.to_pure_dict(state)
+  return jax.tree.map(
+      lambda spec, leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, mesh)),
+      specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -40,7 +40,7 @@ def build_model(config, mesh):
 
   abstract = nnx.eval_shape(create)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  shardings = nnx.to_pure_dict(sharding.state_shardings(mesh, abstract_params))
+  shardings = sharding.state_shardings(mesh, abstract_params)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init():
@@ -184,17 +184,26 @@ def train_and_evaluate(config, workdir: str, *,
   # Data first: a bad path or task fails before the workdir is touched.
   train_data = data.load_dataset(config.data, "train")
   eval_data = data.load_dataset(config.data, "validation")
-
+  # Built outside the mesh context: under a mesh, nnx.eval_shape reads logical names as mesh axes.
+  graphdef, params, param_shardings = build_model(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     write_config(config, workdir)
+  # The mesh in context lets layers with manual collectives (expert parallelism) find their axes.
+  with jax.set_mesh(mesh):
+    return _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params,
+                       param_shardings, step_callback)
+
+
+def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, param_shardings,
+                step_callback) -> dict:
+  """The body of `train_and_evaluate`, run with `mesh` set."""
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
   logging.info("Data %s: %d train / %d validation sequences of %d tokens; train unigram entropy "
                "%.3f bits/byte (the loss a context-free model reaches).", config.data.task,
                len(train_data), len(eval_data), config.data.seq_len,
                train_data.unigram_entropy_bits())
 
-  graphdef, params, param_shardings = build_model(config, mesh)
   logging.info("Model: %s parameters.", f"{count_params(params):,}")
   tx, schedule = make_optimizer(config.train)
   opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_shardings,

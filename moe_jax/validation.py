@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from moe_jax import data, routing, sharding
+from moe_jax import data, expert_parallel, routing, sharding
 from moe_jax.experts import ACTIVATIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -83,6 +83,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check("model.moe.router_z_loss_weight", "a number >= 0", _nonnegative_number)
     check("model.moe.gmm_backend", f"one of {pallas_kernels.BACKENDS}",
           lambda v: v in pallas_kernels.BACKENDS)
+    check("model.moe.ep_exchange", f"one of {expert_parallel.EXCHANGES}",
+          lambda v: v in expert_parallel.EXCHANGES)
     group_size = moe.get("group_size", 0)
     tokens = config.data.batch_size * config.data.seq_len
     if moe.get("capacity_factor") is not None and _positive_int(group_size) and tokens % group_size:
@@ -134,3 +136,10 @@ def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
   if _positive_int(batch_size) and batch_size % shards:
     problems.append(f"config.data.batch_size={batch_size} must be divisible by the batch shards "
                     f"{' * '.join(sharding.BATCH_AXES)} = {shards} of mesh {sizes}.")
+  elif (_positive_int(batch_size) and sizes["expert"] > 1 and config.model.get("moe_every", 0)
+        and moe.get("capacity_factor") is not None and _positive_int(moe.get("group_size"))):
+    local_tokens = batch_size // shards * config.data.seq_len
+    if local_tokens % moe.group_size:
+      problems.append(f"config.model.moe.group_size={moe.group_size} must divide the tokens each "
+                      f"device holds ({local_tokens}) with expert parallelism: a capacity group "
+                      "may not span devices.")

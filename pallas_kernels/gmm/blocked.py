@@ -1,0 +1,109 @@
+"""Grouped matmul as a loop over group-aligned row tiles, in plain XLA.
+
+`jax.lax.ragged_dot` on XLA:CPU multiplies every row by every group's weights
+(G x the work). Here each group is covered by a few row tiles that start at
+the group's first row (see `metadata.py`): one dense [tile, K] @ [K, N] dot
+per tile, so the work stays that of a single dense matmul plus less than one
+small tile per group, at any number of groups.
+
+Each tile is read straight out of `lhs` with a dynamic slice and written back
+through a row mask, so no padded copy of the operands is ever built; on
+XLA:CPU that beat both a scatter into a padded [G * tile]-aligned buffer and
+a batched einsum over gathered per-tile weights (gathers are slow there).
+
+Operands are upcast to the float32 accumulation dtype tile by tile: exact
+(bf16 products are exact in float32), and XLA:CPU runs f32 dots faster than
+bf16 ones, which it routes through a slow path.
+"""
+
+from collections.abc import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from pallas_kernels.gmm import common
+from pallas_kernels.gmm import metadata
+
+
+def _tiles(tiling, num_rows: int) -> Sequence[int]:
+  return metadata.row_tiles_for(metadata.normalize_row_tiles(tiling), num_rows)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype, tiling=None,
+        transpose_rhs: bool = False) -> jax.Array:
+  """lhs [M, K] @ rhs [G, K, N] per group -> [M, N]; rows past sum(group_sizes) are zero.
+
+  Args:
+    lhs: [M, K], rows sorted by group.
+    rhs: [G, K, N], or [G, N, K] with `transpose_rhs` (each group then uses
+      `rhs[i].T`, contracted in place, as the backward pass needs).
+    group_sizes: [G] int, rows per group.
+    out_dtype: dtype of the result; products are summed in float32 or wider.
+    tiling: None, a row tile size, or decreasing row tile sizes.
+    transpose_rhs: see `rhs`.
+  """
+  num_rows = lhs.shape[0]
+  tiles = _tiles(tiling, num_rows)
+  acc_dtype = common.accumulation_dtype(jnp.result_type(lhs, rhs))
+  starts, ends = metadata.group_bounds(group_sizes, num_rows)
+  contract = ((1,), (1 if transpose_rhs else 0,))
+
+  def group_body(i, out):
+    # Sliced (and upcast) once per group, not per tile.
+    w = lax.dynamic_index_in_dim(rhs, i, keepdims=False).astype(acc_dtype)
+
+    def tile_body(start, size, inside, out):
+      row, mask = metadata.tile_window(start, ends[i], size, num_rows)
+      x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
+      y = lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=acc_dtype)
+      if not inside:
+        # Keep the rows this tile may not overwrite: the next group's (the
+        # last tile overhangs its group) and, near the bottom of lhs, rows
+        # above `start` that the in-bounds shift pulled in.
+        y = jnp.where(mask, y, lax.dynamic_slice_in_dim(out, row, size))
+      return lax.dynamic_update_slice_in_dim(out, y, row, 0)
+
+    return metadata.for_each_row_tile(starts[i], ends[i], tiles, tile_body, out)
+
+  # The loop carries float32 and casts once at the end: with a narrower carry,
+  # XLA:CPU converts the whole buffer to float32 and back around every tile's
+  # dynamic-update-slice.
+  out = common.loop_zeros((num_rows, rhs.shape[1] if transpose_rhs else rhs.shape[2]), acc_dtype,
+                          lhs, rhs, group_sizes)
+  return lax.fori_loop(0, rhs.shape[0], group_body, out).astype(out_dtype)
+
+
+def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, out_dtype,
+         tiling=None) -> jax.Array:
+  """out[i] = lhs[rows of i].T @ grad[rows of i]: lhs [M, K], grad [M, N] -> [G, K, N].
+
+  Each group sums its tiles' [K, N] products in a float32 accumulator and
+  writes it once, so empty groups come out as exact zeros and rows past
+  sum(group_sizes) (even NaN ones) are ignored.
+  """
+  num_rows, k = lhs.shape
+  tiles = _tiles(tiling, num_rows)
+  acc_dtype = common.accumulation_dtype(jnp.result_type(lhs, grad))
+  starts, ends = metadata.group_bounds(group_sizes, num_rows)
+
+  def group_body(i, out):
+    def tile_body(start, size, inside, acc):
+      row, mask = metadata.tile_window(start, ends[i], size, num_rows)
+      x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
+      g = lax.dynamic_slice_in_dim(grad, row, size).astype(acc_dtype)
+      if not inside:
+        # Both operands are masked: a zeroed row of one side would still let a
+        # NaN or Inf in the other side's foreign rows through (0 * inf = nan).
+        x, g = jnp.where(mask, x, 0), jnp.where(mask, g, 0)
+      return acc + lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+
+    acc = metadata.for_each_row_tile(starts[i], ends[i], tiles, tile_body,
+                                     common.loop_zeros((k, grad.shape[1]), acc_dtype, lhs, grad,
+                                                       group_sizes))
+    return lax.dynamic_update_index_in_dim(out, acc, i, 0)
+
+  # A float32 carry, cast once at the end, for the same reason as in `gmm`.
+  out = common.loop_zeros((group_sizes.shape[0], k, grad.shape[1]), acc_dtype, lhs, grad,
+                          group_sizes)
+  return lax.fori_loop(0, group_sizes.shape[0], group_body, out).astype(out_dtype)

@@ -1,0 +1,121 @@
+"""Expert parallelism: the training loss and gradients are the same function on every mesh."""
+import functools
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from moe_jax import data, sharding, train
+from moe_jax.validation import ConfigError, validate_config
+
+
+def tiny_moe_config(capacity_factor=None, exchange="all_to_all", **mesh):
+  config = default.get_config("tiny")
+  config.model.moe.num_experts = 8  # divisible by every expert-axis size below
+  config.model.num_layers, config.model.moe_every = 1, 1  # one MoE block: compiles fast
+  config.model.moe.capacity_factor = capacity_factor
+  config.model.moe.ep_exchange = exchange
+  config.mesh.data = 1
+  for axis, size in mesh.items():
+    config.mesh[axis] = size
+  return config
+
+
+def loss_and_grads(config):
+  """Loss, dropped fraction and gradients of step 0's batch, computed on config.mesh."""
+  validate_config(config, num_devices=8)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params, _ = train.build_model(config, mesh)
+  batch = data.load_dataset(config.data, "train").train_batch(0, config.data.batch_size,
+                                                             config.seed)
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  grad_fn = jax.value_and_grad(functools.partial(train.loss_fn, graphdef=graphdef), has_aux=True)
+  with jax.set_mesh(mesh):
+    (loss, (_, aux)), grads = jax.jit(grad_fn)(params, batch)
+  return float(loss), float(aux["dropped_fraction"]), jax.tree.map(np.asarray, grads)
+
+
+def worst_relative_difference(grads, reference):
+  return max(float(np.linalg.norm(g - r) / np.linalg.norm(r))
+             for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)))
+
+
+MESHES = [dict(data=2, expert=4), dict(expert=8), dict(fsdp=2, expert=4),
+          dict(data=2, expert=2, tensor=2)]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_mesh_invariance(capacity_factor):
+  """data=8 (no expert parallelism) and four expert-parallel meshes agree to float tolerance."""
+  loss, dropped, grads = loss_and_grads(tiny_moe_config(capacity_factor, data=8))
+  if capacity_factor is not None:
+    assert dropped > 0.05  # the capacity case really drops tokens
+  for mesh in MESHES:
+    ep_loss, ep_dropped, ep_grads = loss_and_grads(tiny_moe_config(capacity_factor, **mesh))
+    assert ep_dropped == pytest.approx(dropped, abs=1e-7), mesh
+    assert ep_loss == pytest.approx(loss, rel=1e-6), mesh
+    assert worst_relative_difference(ep_grads, grads) < 1e-5, mesh
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_allgather_exchange_matches_all_to_all(capacity_factor):
+  """The all-gather / reduce-scatter exchange computes what the all-to-all exchange computes."""
+  loss, dropped, grads = loss_and_grads(tiny_moe_config(capacity_factor, data=2, expert=4))
+  ag_loss, ag_dropped, ag_grads = loss_and_grads(
+      tiny_moe_config(capacity_factor, "allgather", data=2, expert=4))
+  assert ag_dropped == pytest.approx(dropped, abs=1e-7)
+  assert ag_loss == pytest.approx(loss, rel=1e-6)
+  assert worst_relative_difference(ag_grads, grads) < 1e-5
+
+
+def test_capacity_group_may_not_span_devices():
+  config = tiny_moe_config(1.0, data=2, expert=4)
+  config.model.moe.group_size = 64  # each device holds one 32-token sequence
+  with pytest.raises(ConfigError, match="group_size=64 must divide the tokens each device holds"):
+    validate_config(config, num_devices=8)
+
+
+def run(config, workdir, stop_at=None):
+  losses = {}
+
+  def callback(step, metrics):
+    losses[step] = float(metrics["loss"])
+    if step == stop_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = train.train_and_evaluate(config, str(workdir), step_callback=callback)
+  return result, losses
+
+
+def test_training_logs_the_same_losses_with_and_without_expert_parallelism(tmp_path):
+  losses = []
+  for name, mesh in (("dp", dict(data=8)), ("ep", dict(data=2, expert=4))):
+    config = tiny_moe_config(**mesh)
+    config.train.steps, config.train.eval_every = 4, 100
+    losses.append(run(config, tmp_path / name)[1])
+  np.testing.assert_allclose([losses[1][s] for s in range(1, 5)],
+                             [losses[0][s] for s in range(1, 5)], rtol=1e-5)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  """Saved with experts split 4 ways, resumed with experts split 8 ways and on one device."""
+  def config_on(**mesh):
+    config = tiny_moe_config(**mesh)
+    config.train.steps, config.train.eval_every, config.train.checkpoint_every = 8, 100, 100
+    return config
+
+  _, reference = run(config_on(data=2, expert=4), tmp_path / "straight")
+  first, before = run(config_on(data=2, expert=4), tmp_path / "saved", stop_at=5)
+  assert first["preempted"]
+  for name, mesh in (("ep8", dict(expert=8)), ("single", dict(data=1))):
+    workdir = tmp_path / name
+    shutil.copytree(tmp_path / "saved", workdir)
+    _, after = run(config_on(**mesh), workdir)
+    assert min(after) == 6
+    resumed = {**before, **after}
+    np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
+                               [reference[s] for s in range(1, 9)], rtol=1e-5)
