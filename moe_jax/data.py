@@ -243,7 +243,8 @@ class TokenDataset:
     return {"inputs": chunks[:, :-1], "targets": targets,
             "weights": (targets != PAD_ID).astype(np.float32)}
 
-  def train_batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  def train_batch(self, step: int, batch_size: int, seed: int,
+                  rows: slice | None = None) -> dict[str, np.ndarray]:
     """Batch `step` of an endless shuffled stream; a pure function of (step, batch_size, seed).
 
     Position p = step * B + i (i < B) of the stream is chunk perm_e[p % N] with epoch
@@ -254,21 +255,23 @@ class TokenDataset:
       step: the batch index, >= 0.
       batch_size: B, > 0.
       seed: a non-negative integer seed for the epoch permutations.
+      rows: only these rows of the global batch (a process's shard in multi-process training);
+        default all B.
 
     Returns:
-      {"inputs": int32 [B, S], "targets": int32 [B, S], "weights": float32 [B, S]}; weights are
-      0 on pad targets (none occur with packing) and 1 elsewhere.
+      {"inputs": int32 [R, S], "targets": int32 [R, S], "weights": float32 [R, S]} for the R
+      requested rows; weights are 0 on pad targets (none occur with packing) and 1 elsewhere.
     """
     if step < 0 or batch_size <= 0 or seed < 0:
       raise ValueError(f"{self.name}: need step >= 0, batch_size > 0, seed >= 0; got "
                        f"step={step}, batch_size={batch_size}, seed={seed}.")
-    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)[rows or slice(None)]
     epochs, offsets = np.divmod(positions, len(self))
-    rows = np.empty(batch_size, np.int64)
+    chunk_ids = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
       in_epoch = epochs == epoch
-      rows[in_epoch] = self._permutation(seed, int(epoch))[offsets[in_epoch]]
-    return self._batch(rows)
+      chunk_ids[in_epoch] = self._permutation(seed, int(epoch))[offsets[in_epoch]]
+    return self._batch(chunk_ids)
 
   def eval_batches(self, batch_size: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
     """Up to `num_batches` full batches of the first chunks in order (no shuffle, no wrap).

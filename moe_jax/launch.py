@@ -53,7 +53,8 @@ def shell_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str
 
 def main_argv(config: str, workdir: str, *, python: str = "python",
               overrides: Sequence[str] = (), coordinator_address: str | None = None,
-              num_processes: int | None = None, process_id: int | None = None) -> list[str]:
+              num_processes: int | None = None, process_id: int | None = None,
+              distributed: bool = False) -> list[str]:
   """The argv of one training process: `python -m moe_jax.main --config=... --workdir=...`.
 
   Args:
@@ -63,6 +64,7 @@ def main_argv(config: str, workdir: str, *, python: str = "python",
     overrides: config overrides "path.to.field=value", passed as --config.path.to.field=value.
     coordinator_address, num_processes, process_id: jax.distributed flags of moe_jax.main; omitted
       when None (a TPU pod or a single process finds them itself).
+    distributed: pass --distributed (jax.distributed.initialize() with no arguments: TPU pods).
   """
   if not config:
     raise ValueError("--config is required (e.g. --config=configs/mixtral_like.py:v5p-64).")
@@ -80,6 +82,8 @@ def main_argv(config: str, workdir: str, *, python: str = "python",
     argv.append(f"--num_processes={num_processes}")
   if process_id is not None:
     argv.append(f"--process_id={process_id}")
+  if distributed:
+    argv.append("--distributed")
   return argv
 
 
@@ -97,14 +101,14 @@ def tpu_pod_commands(tpu_name: str, zone: str, config: str, workdir: str, *,
   """The gcloud argv that starts training on every worker of a Cloud TPU pod slice.
 
   One command covers all hosts (--worker=all); `jax.distributed.initialize()` needs no arguments on
-  Cloud TPU, so no coordinator flags are passed.
+  Cloud TPU, so only --distributed is passed, no coordinator flags.
   """
   missing = [flag for flag, value in (("--tpu_name", tpu_name), ("--zone", zone)) if not value]
   if missing:
     raise ValueError(f"--target=tpu-pod needs {' and '.join(missing)} (the TPU VM's name and "
                      "zone).")
-  remote = remote_shell(repo_dir, main_argv(config, workdir, python=python, overrides=overrides),
-                        env)
+  remote = remote_shell(repo_dir, main_argv(config, workdir, python=python, overrides=overrides,
+                                            distributed=True), env)
   argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, f"--zone={zone}"]
   if project:
     argv.append(f"--project={project}")

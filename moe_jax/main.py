@@ -21,7 +21,26 @@ from moe_jax.validation import ConfigError, validate_config  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries and config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs (GPU hosts, CPU "
+    "loopback). TPU pods need none: jax.distributed finds its peers there.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with no arguments (TPU pods, SLURM, "
+    "or JAX_COORDINATOR_ADDRESS in the environment).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+  """Joins the multi-process run described by the flags, before any device is touched."""
+  if _COORDINATOR.value is None and not _DISTRIBUTED.value:
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    # XLA:CPU needs gloo for cross-process collectives (loopback tests, CPU clusters).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -36,6 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_QuietLibraries())
+  _initialize_distributed()
   config = _CONFIG.value
   try:
     validate_config(config)

@@ -122,5 +122,36 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def process_batch_rows(batch_sharding: NamedSharding, global_batch: int) -> slice:
+  """The contiguous rows of a [B, ...] global batch that this process's devices hold.
+
+  Raises ValueError when they are not contiguous (a mesh whose batch axes interleave processes).
+  """
+  indices = batch_sharding.addressable_devices_indices_map((global_batch,)).values()
+  spans = {(index[0].start or 0, global_batch if index[0].stop is None else index[0].stop)
+           for index in indices}
+  start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+  covered = sum(e - s for s, e in spans)
+  if covered != stop - start:
+    raise ValueError(f"This process's batch shards {sorted(spans)} are not contiguous; order the "
+                     "mesh so that each process holds a contiguous block of the batch axes.")
+  return slice(start, stop)
+
+
+def visualize(array, *, title: str = "") -> None:
+  """Prints which devices hold which block of `array` (for notebooks).
+
+  `jax.debug` draws 1-D and 2-D layouts; a higher-rank array is drawn through its first two axes
+  (e.g. [expert, embed] of an expert weight), which is where the interesting sharding lives.
+  """
+  if title:
+    print(title)
+  if array.ndim <= 2:
+    jax.debug.visualize_array_sharding(array)
+    return
+  spec = tuple(array.sharding.spec) + (None, None)
+  jax.debug.visualize_sharding(array.shape[:2], NamedSharding(array.sharding.mesh, P(*spec[:2])))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -146,15 +146,21 @@ def _format_duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
-def _device_batch(np_batch: dict, batch_sharding) -> dict:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in np_batch.items()}
+def _device_batch(np_batch: dict, batch_sharding, global_batch: int) -> dict:
+  """Global arrays from this process's rows of the batch (all rows with one process)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v,
+                                                    (global_batch,) + v.shape[1:])
+          for k, v in np_batch.items()}
 
 
 def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding) -> dict:
   """Validation loss (nats/token) and bits per byte over `config.data.eval_batches` batches."""
   ce_sum, weight_sum = 0.0, 0.0
-  for np_batch in eval_dataset.eval_batches(config.data.batch_size, config.data.eval_batches):
-    out = jax.device_get(eval_fn(params, _device_batch(np_batch, batch_sharding)))
+  batch_size = config.data.batch_size
+  rows = sharding.process_batch_rows(batch_sharding, batch_size)
+  for np_batch in eval_dataset.eval_batches(batch_size, config.data.eval_batches):
+    local = {k: v[rows] for k, v in np_batch.items()}
+    out = jax.device_get(eval_fn(params, _device_batch(local, batch_sharding, batch_size)))
     ce_sum += float(out["ce_sum"])
     weight_sum += float(out["weight_sum"])
   loss = ce_sum / max(weight_sum, 1.0)
@@ -212,6 +218,8 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
   state = {"step": step0, "params": params, "opt_state": opt_state}
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
+  # Each process reads only the rows of every batch that its own devices hold.
+  process_rows = sharding.process_batch_rows(batch_sharding, config.data.batch_size)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
@@ -237,8 +245,9 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
   window_start, window_steps = time.perf_counter(), 0
   with checkpoint.PreemptionGuard() as guard:
     while step < total_steps:
-      np_batch = train_data.train_batch(step, config.data.batch_size, config.seed)
-      state, metrics = step_fn(state, _device_batch(np_batch, batch_sharding))
+      np_batch = train_data.train_batch(step, config.data.batch_size, config.seed, process_rows)
+      state, metrics = step_fn(state, _device_batch(np_batch, batch_sharding,
+                                                    config.data.batch_size))
       step += 1
       window_steps += 1
       is_last = step == total_steps

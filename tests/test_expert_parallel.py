@@ -5,6 +5,7 @@ import shutil
 import signal
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -119,3 +120,41 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     resumed = {**before, **after}
     np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
                                [reference[s] for s in range(1, 9)], rtol=1e-5)
+
+
+def _collectives(jaxpr, found=None):
+  """(primitive, per-device bytes) of every collective in a jaxpr, sub-jaxprs included.
+
+  The bytes are the operand's, except for all_gather: its gathered result.
+  """
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("all_to_all", "all_gather", "reduce_scatter"):
+      var = eqn.outvars[0] if eqn.primitive.name == "all_gather" else eqn.invars[0]
+      found.append((eqn.primitive.name, int(np.prod(var.aval.shape)) * var.aval.dtype.itemsize))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _collectives(sub, found)
+  return found
+
+
+@pytest.mark.parametrize("mode", ["capacity_all_to_all", "padded_all_to_all", "allgather"])
+def test_comm_model_counts_the_bytes_the_layer_exchanges(mode):
+  """experiments/comm_model.py's byte counts equal the arrays the EP forward actually exchanges."""
+  comm_model = pytest.importorskip("experiments.comm_model")
+  capacity_factor = 1.0 if mode == "capacity_all_to_all" else None
+  exchange = "allgather" if mode == "allgather" else "all_to_all"
+  config = tiny_moe_config(capacity_factor, exchange, data=2, expert=4)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params, _ = train.build_model(config, mesh)
+  batch = data.load_dataset(config.data, "train").train_batch(0, config.data.batch_size, 0)
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(functools.partial(train.loss_fn, graphdef=graphdef))(params, batch)
+  collectives = _collectives(jaxpr.jaxpr)
+  expected = comm_model.exchanged_bytes(config, dict(mesh.shape), mode)
+  dispatch_kind = "all_gather" if mode == "allgather" else "all_to_all"
+  token_exchange = [size for kind, size in collectives if kind == dispatch_kind]
+  # The first collective of its kind moves the tokens; for all-gather, that is the token gather.
+  assert token_exchange[0] == expected["per_device_bytes"], (collectives, expected)
+  combine_kind = "reduce_scatter" if mode == "allgather" else "all_to_all"
+  combine = [size for kind, size in collectives if kind == combine_kind][-1]
+  assert combine == expected["combine_per_device_bytes"], (collectives, expected)

@@ -29,11 +29,11 @@ def test_tpu_pod_command_exact():
   assert argv == [
       "gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-east5-a", "--worker=all",
       "--command=cd moe_jax && python -m moe_jax.main --config=configs/mixtral_like.py:v5p-64 "
-      "--workdir=gs://bucket/run"]
+      "--workdir=gs://bucket/run --distributed"]
   assert launch.shell_line(argv) == (
       "gcloud compute tpus tpu-vm ssh my-tpu --zone=us-east5-a --worker=all "
       "'--command=cd moe_jax && python -m moe_jax.main --config=configs/mixtral_like.py:v5p-64 "
-      "--workdir=gs://bucket/run'")
+      "--workdir=gs://bucket/run --distributed'")
 
 
 def test_tpu_pod_passes_no_coordinator_and_keeps_project_overrides_env():
@@ -44,7 +44,8 @@ def test_tpu_pod_passes_no_coordinator_and_keeps_project_overrides_env():
   remote = argv[-1].removeprefix("--command=")
   inner = _remote_argv(remote, "src/m")
   assert inner == ["LIBTPU_INIT_ARGS=--xla_tpu_x=true", "python3", "-m", "moe_jax.main",
-                   f"--config={CONFIG}", "--workdir=gs://b/r", "--config.train.steps=10"]
+                   f"--config={CONFIG}", "--workdir=gs://b/r", "--config.train.steps=10",
+                   "--distributed"]
   assert not any("coordinator" in word or "process" in word for word in inner)
 
 
