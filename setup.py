@@ -16,6 +16,7 @@ setuptools.setup(
         "ml-collections>=1.0.0",
         "absl-py>=2.1.0",
         "clu>=0.0.12",
+        "tensorboard>=2.15",  # clu's summary writer imports it
         "seqio>=0.0.19",
         "numpy>=1.26",
     ],
