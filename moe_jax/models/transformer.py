@@ -3,6 +3,9 @@
 Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (RoPE, Su et al. 2021),
 causal multi-head attention, and an FFN that is an `MLP` or, every `moe_every`-th layer, a `MoELayer`.
 Parameters carry logical axis names (embed, mlp, heads, kv, vocab, expert) for `sharding.py`.
+
+`Transformer.decode` is the incremental (KV-cached) form of `__call__` used for sampling: it
+computes the logits of new tokens given a cache of the keys and values of all earlier positions.
 """
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import sharding
+from moe_jax import dispatch, routing, sharding
 
 from moe_jax.moe import MLP, MoELayer
+
+# A layer's KV cache: {"k": [B, L, H, Dh], "v": [B, L, H, Dh]}; keys are stored with RoPE applied.
+LayerCache = dict[str, jax.Array]
 
 
 def is_moe_layer(layer: int, moe_every: int) -> bool:
@@ -68,24 +74,77 @@ class Attention(nnx.Module):
     self.w_v = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
     self.w_o = nnx.Param(init_out(rngs.params(), (num_heads, head_dim, d_model), param_dtype))
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
+  def _project(self, x: jax.Array, param: nnx.Param) -> jax.Array:
+    return jnp.einsum("bsd,dhk->bshk", x, param[...].astype(self.dtype))
 
-    def project(param):
-      return jnp.einsum("bsd,dhk->bshk", x, param[...].astype(self.dtype))
-
-    q = apply_rope(project(self.w_q), positions, self.rope_base)
-    k = apply_rope(project(self.w_k), positions, self.rope_base)
-    v = project(self.w_v)
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Attention of q [B, Q, H, Dh] over k, v [B, S, H, Dh] where visible [Q, S]: -> [B, Q, D]."""
     # Scores and softmax in float32 whatever the activation dtype.
     scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5)
-    seq = x.shape[1]
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
     return jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype))
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    q = apply_rope(self._project(x, self.w_q), positions, self.rope_base)
+    k = apply_rope(self._project(x, self.w_k), positions, self.rope_base)
+    v = self._project(x, self.w_v)
+    seq = x.shape[1]
+    return self._attend(q, k, v, jnp.tril(jnp.ones((seq, seq), bool)))
+
+  def decode(self, x: jax.Array, cache: LayerCache,
+             index: jax.Array | int) -> tuple[jax.Array, LayerCache]:
+    """Attention of S new tokens over a KV cache: x [B, S, D] at positions index .. index+S-1.
+
+    The new keys (RoPE at their absolute positions) and values are written into the cache at
+    `index`; each new token attends to cache slots 0 .. its own position, so slots past it (stale
+    or zero) are never read. `index + S` must not exceed the cache length L.
+
+    Args:
+      x: [B, S, D] normalised inputs of the new tokens (S = prompt length to prefill, 1 per step).
+      cache: {"k", "v"} [B, L, H, Dh] holding positions < index.
+      index: scalar int, the absolute position of x[:, 0] (the same for every sequence).
+
+    Returns:
+      (y [B, S, D], the updated cache).
+    """
+    x = x.astype(self.dtype)
+    batch, seq, _ = x.shape
+    positions = index + jnp.arange(seq)
+    batch_positions = jnp.broadcast_to(positions, (batch, seq))
+    q = apply_rope(self._project(x, self.w_q), batch_positions, self.rope_base)
+    k = apply_rope(self._project(x, self.w_k), batch_positions, self.rope_base)
+    v = self._project(x, self.w_v)
+    start = (0, index, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+    visible = jnp.arange(cache["k"].shape[1])[None, :] <= positions[:, None]  # [S, L]
+    y = self._attend(q, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), visible)
+    return y, cache
+
+
+def moe_decode_ffn(layer: MoELayer, x: jax.Array) -> jax.Array:
+  """The MoE FFN for decoding, always dropless: x [B, S, D] -> [B, S, D].
+
+  Each new token is routed by the layer's own router (`routing.route`) and computed by its top-K
+  experts through the grouped matmul; nothing is dropped. For a model trained with capacity
+  dispatch this is deliberate: capacity groups are defined over whole training sequences, which
+  do not exist one token at a time, so decoding computes the model's drop-free function.
+  """
+  batch, seq, d_model = x.shape
+  tokens = x.reshape(batch * seq, d_model)
+  decision = routing.route(layer.config, layer.router(tokens), jnp.ones((batch * seq,), bool))
+  plan = dispatch.dropless_plan(decision.expert_index, layer.num_experts)
+  y_sorted = layer.experts.grouped(dispatch.dropless_dispatch(tokens, plan, layer.top_k),
+                                   plan.group_sizes)
+  y = dispatch.dropless_combine(y_sorted, plan, decision.combine_weight)
+  y = y.reshape(batch, seq, d_model)
+  if layer.shared_experts is not None:
+    y = y + layer.shared_experts(x).astype(jnp.float32)
+  return y.astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -113,6 +172,15 @@ class Block(nnx.Module):
     else:
       y, aux = self.ffn(h), None
     return x + y.astype(x.dtype), aux
+
+  def decode(self, x: jax.Array, cache: LayerCache,
+             index: jax.Array | int) -> tuple[jax.Array, LayerCache]:
+    """Incremental block: x [B, S, D] of new tokens at positions index.. -> (x, updated cache)."""
+    attn_out, cache = self.attn.decode(self.attn_norm(x), cache, index)
+    x = x + attn_out.astype(x.dtype)
+    h = self.ffn_norm(x)
+    y = moe_decode_ffn(self.ffn, h) if self.is_moe else self.ffn(h)
+    return x + y.astype(x.dtype), cache
 
 
 def _run_block(block: Block, x, positions, mask):
@@ -155,13 +223,47 @@ class Transformer(nnx.Module):
       x, aux = self.run_block(block, x, positions, mask)
       if aux is not None:
         layer_aux[i] = aux
+    return self._logits(x), summarize_aux(layer_aux)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and output projection: [B, S, D] -> float32 logits [B, S, V]."""
     x = self.final_norm(x)
     if self.tie_embeddings:
       # The embedding has unit-variance rows; 1/sqrt(D) keeps initial logits O(1).
-      logits = self.embed.attend(x.astype(self.dtype)).astype(jnp.float32) * x.shape[-1] ** -0.5
-    else:
-      logits = jnp.dot(x, self.unembed[...].astype(self.dtype), preferred_element_type=jnp.float32)
-    return logits, summarize_aux(layer_aux)
+      return self.embed.attend(x.astype(self.dtype)).astype(jnp.float32) * x.shape[-1] ** -0.5
+    return jnp.dot(x, self.unembed[...].astype(self.dtype), preferred_element_type=jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+    """An empty KV cache for `batch` sequences of up to `max_len` tokens: k, v [B, L, H, Dh]."""
+    caches = []
+    for block in self.blocks:
+      _, num_heads, head_dim = block.attn.w_k[...].shape
+      zeros = jnp.zeros((batch, max_len, num_heads, head_dim), self.dtype)
+      caches.append({"k": zeros, "v": zeros})
+    return caches
+
+  def decode(self, tokens: jax.Array, cache: list[LayerCache],
+             index: jax.Array | int) -> tuple[jax.Array, list[LayerCache]]:
+    """KV-cached forward pass of new tokens [B, S] at positions index .. index+S-1.
+
+    Prefill with the whole prompt at index 0, then feed one token per step. The logits equal those
+    of `__call__` on the full sequence at the same positions, except that MoE layers always route
+    dropless here (see `moe_decode_ffn`). No auxiliary losses are computed.
+
+    Args:
+      tokens: [B, S] int token ids.
+      cache: from `init_cache` or a previous `decode`, holding positions < index.
+      index: scalar int position of tokens[:, 0].
+
+    Returns:
+      (logits [B, S, V] float32, the updated cache).
+    """
+    x = self.embed(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, layer_cache, index)
+      new_cache.append(layer_cache)
+    return self._logits(x), new_cache
 
 
 def summarize_aux(layer_aux: dict[int, dict]) -> dict:

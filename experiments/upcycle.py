@@ -1,0 +1,254 @@
+r"""Sparse upcycling experiment: upcycled MoE vs. the dense model trained for the same extra steps.
+
+Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints" (2023);
+Vavre et al., "Llama 3 Meets MoE: Efficient Upcycling" (2024).
+
+From the latest checkpoint (step S) of a dense run in --dense_workdir, this
+  1. builds the MoE model (every --moe_every-th FFN an MoE layer of --num_experts experts, top
+     --top_k, dropless, renormalised top-k) with expert_hidden_dim = the dense mlp_dim, upcycles the
+     dense parameters and optimizer state (`moe_jax.upcycle`) into WORKDIR/moe at step S, and trains
+     it to step S + --extra_steps;
+  2. copies the dense checkpoint into WORKDIR/dense_continued and trains the dense model to the same
+     step S + --extra_steps (same data order, same learning-rate schedule);
+  3. writes the validation loss and bits/byte of both, and of both models at step S, to
+     WORKDIR/upcycle_results.md (and prints it).
+Both runs use train.steps = S + extra_steps, so they follow the same schedule from step S on. Note
+that the upcycled MoE does top_k times the dense FFN FLOPs per token (each expert is as wide as the
+dense MLP), unlike configs/default.py's equal-FLOP dense variant.
+
+If --dense_workdir holds no checkpoint, the dense model is first trained there from --dense_config:
+
+  python experiments/upcycle.py --dense_workdir=/tmp/dense --workdir=/tmp/upcycle \
+      --dense_config=configs/default.py:dense --dense_config.train.steps=300 --extra_steps=200
+
+Rerunning the command resumes whatever is unfinished.
+"""
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Runs from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_jax import checkpoint, data, sharding, train  # noqa: E402
+from moe_jax.sample import load_config, load_params, single_device_mesh  # noqa: E402
+from moe_jax.upcycle import abstract_params, check_compatible  # noqa: E402
+from moe_jax.upcycle import upcycle_opt_state, upcycle_params  # noqa: E402
+from moe_jax.validation import validate_config  # noqa: E402
+
+_DENSE_WORKDIR = flags.DEFINE_string("dense_workdir", None, "Dense training workdir (the source).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output: moe/, dense_continued/, results table.")
+_DENSE_CONFIG = config_flags.DEFINE_config_file(
+    "dense_config", None, "Config to train the dense model with when --dense_workdir is empty.")
+_EXTRA_STEPS = flags.DEFINE_integer("extra_steps", 200, "Steps both models train past step S.")
+_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts E per MoE layer.")
+_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token K (>= 2 keeps the dense function).")
+_MOE_EVERY = flags.DEFINE_integer("moe_every", 2, "Every n-th FFN becomes an MoE layer.")
+_NOISE_STD = flags.DEFINE_float("noise_std", 0.0, "Relative noise on the expert copies.")
+_ROUTER_INIT_STD = flags.DEFINE_float("router_init_std", 0.02, "Std of the router's normal init.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the router init and the noise.")
+
+
+def moe_config_from_dense(dense_config, *, num_experts: int, top_k: int,
+                          moe_every: int) -> ml_collections.ConfigDict:
+  """The dense config with MoE layers whose experts have the dense MLP's width."""
+  config = ml_collections.ConfigDict(dense_config.to_dict())
+  config.model.moe_every = moe_every
+  moe = config.model.moe
+  moe.router = "token_choice"
+  moe.num_experts = num_experts
+  moe.top_k = top_k
+  moe.expert_hidden_dim = dense_config.model.mlp_dim
+  moe.capacity_factor = None
+  moe.normalize_top_k = True
+  moe.num_shared_experts = 0
+  return config
+
+
+def _fresh_state(config, mesh):
+  """An initialised training state (params + optimizer) and its optimizer, as the train loop has."""
+  graphdef, params, param_shardings = train.build_model(config, mesh)
+  tx, _ = train.make_optimizer(config.train)
+  opt_state = jax.jit(tx.init, out_shardings=train.optimizer_shardings(tx, params, param_shardings,
+                                                                     mesh))(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  return graphdef, {"step": step, "params": params, "opt_state": opt_state}
+
+
+def evaluate_params(config, graphdef, params, mesh) -> dict:
+  """Validation loss and bits/byte of `params` exactly as the training loop measures them."""
+  eval_fn = jax.jit(lambda p, b: train.eval_step(p, b, graphdef=graphdef))
+  return train.evaluate(params, data.load_dataset(config.data, "validation"), config,
+                        eval_fn=eval_fn, batch_sharding=sharding.batch_sharding(mesh))
+
+
+def upcycle_checkpoint(dense_workdir: str, moe_workdir: str, moe_config, *, noise_std: float,
+                       router_init_std: float, seed: int) -> dict:
+  """Writes the upcycled state at the dense checkpoint's step S to moe_workdir; returns evals."""
+  dense_config = load_config(dense_workdir)
+  mesh = sharding.make_mesh(dense_config.mesh)
+  dense_ckpt = checkpoint.Checkpointer(dense_workdir, keep=dense_config.train.keep_checkpoints)
+  step = dense_ckpt.latest_step()
+  dense_graphdef, template = _fresh_state(dense_config, mesh)
+  dense_state = dense_ckpt.restore(step, template)
+  dense_ckpt.close()
+
+  moe_graphdef, moe_template = _fresh_state(moe_config, mesh)
+  params = upcycle_params(dense_state["params"], dense_config, moe_config, noise_std=noise_std,
+                          rng=jax.random.key(seed), router_init_std=router_init_std)
+  opt_state = upcycle_opt_state(dense_state["opt_state"], moe_template["opt_state"], dense_config,
+                                moe_config)
+  # Placed like a fresh state so that the checkpoint carries the training shardings.
+  state = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding),
+                       {"step": dense_state["step"], "params": params, "opt_state": opt_state},
+                       moe_template)
+  evals = {"step": int(step),
+           "dense": evaluate_params(dense_config, dense_graphdef, dense_state["params"], mesh),
+           "moe": evaluate_params(moe_config, moe_graphdef, state["params"], mesh)}
+  if os.path.exists(moe_workdir):  # left by an attempt that stopped before finishing this step
+    shutil.rmtree(moe_workdir)
+  os.makedirs(moe_workdir)
+  train.write_config(moe_config, moe_workdir)
+  moe_ckpt = checkpoint.Checkpointer(moe_workdir, keep=moe_config.train.keep_checkpoints)
+  moe_ckpt.save(int(step), state)
+  moe_ckpt.close()
+  return evals
+
+
+def final_evals(workdir: str) -> dict:
+  """Validation metrics of the latest checkpoint in `workdir` (also if a rerun trained nothing)."""
+  model = load_params(workdir)
+  return evaluate_params(model.config, model.graphdef, model.params, single_device_mesh())
+
+
+def continue_dense(dense_workdir: str, workdir: str, dense_config, step: int) -> None:
+  """Copies the dense checkpoint of `step` (only) into workdir/checkpoints to resume from it."""
+  target = os.path.join(workdir, "checkpoints", str(step))
+  if not os.path.exists(target):
+    shutil.copytree(os.path.join(os.path.abspath(dense_workdir), "checkpoints", str(step)), target)
+  train.write_config(dense_config, workdir)
+
+
+def _count(params) -> int:
+  return train.count_params(params)  # works on ShapeDtypeStructs too
+
+
+def results_table(rows: list[dict]) -> str:
+  lines = ["| model | total params | step | validation loss (nats/byte) | bits/byte | wall time |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['params']:,} | {r['step']} | {r['loss']:.4f} | "
+                 f"{r['bpb']:.4f} | {r['time']} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  dense_workdir, workdir = _DENSE_WORKDIR.value, _WORKDIR.value
+  if not dense_workdir or not workdir:
+    raise app.UsageError("--dense_workdir and --workdir are required.")
+  if _EXTRA_STEPS.value < 1:
+    raise app.UsageError(f"--extra_steps={_EXTRA_STEPS.value}; allowed: >= 1.")
+  has_checkpoint = os.path.isdir(os.path.join(dense_workdir, "checkpoints")) and any(
+      s.isdigit() for s in os.listdir(os.path.join(dense_workdir, "checkpoints")))
+  times = {}
+  if not has_checkpoint:
+    if _DENSE_CONFIG.value is None:
+      raise app.UsageError(f"{dense_workdir} holds no checkpoint; pass --dense_config to train it.")
+    start = time.perf_counter()
+    train.train_and_evaluate(_DENSE_CONFIG.value, dense_workdir)
+    times["dense"] = time.perf_counter() - start
+
+  dense_config = load_config(dense_workdir)
+  moe_config = moe_config_from_dense(dense_config, num_experts=_NUM_EXPERTS.value,
+                                     top_k=_TOP_K.value, moe_every=_MOE_EVERY.value)
+  moe_dir = os.path.join(workdir, "moe")
+  dense_dir = os.path.join(workdir, "dense_continued")
+  try:
+    validate_config(moe_config)
+    check_compatible(dense_config, moe_config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  start_file = os.path.join(workdir, "upcycle_start.json")
+  if os.path.exists(start_file):  # a rerun resumes the two trainings
+    with open(start_file) as f:
+      start_evals = json.load(f)
+  else:
+    try:
+      start_evals = upcycle_checkpoint(
+          dense_workdir, moe_dir, moe_config, noise_std=_NOISE_STD.value,
+          router_init_std=_ROUTER_INIT_STD.value, seed=_SEED.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    with open(start_file, "w") as f:
+      json.dump(start_evals, f, indent=2)
+  step = start_evals["step"]
+  final_step = step + _EXTRA_STEPS.value
+  logging.info("Upcycled step %d: dense %s, MoE %s", step, start_evals["dense"],
+               start_evals["moe"])
+
+  dense_config.train.steps = moe_config.train.steps = final_step
+  continue_dense(dense_workdir, dense_dir, dense_config, step)
+  start = time.perf_counter()
+  train.train_and_evaluate(dense_config, dense_dir)
+  dense_time = time.perf_counter() - start
+  start = time.perf_counter()
+  train.train_and_evaluate(moe_config, moe_dir)
+  moe_time = time.perf_counter() - start
+  dense_result, moe_result = final_evals(dense_dir), final_evals(moe_dir)
+
+  dense_params = abstract_params(dense_config.model)
+  moe_params = abstract_params(moe_config.model)
+  fmt = lambda s: f"{s:.0f} s"  # noqa: E731
+  rows = [
+      {"name": "dense (source checkpoint)", "params": _count(dense_params), "step": step,
+       "loss": start_evals["dense"]["eval/loss"],
+       "bpb": start_evals["dense"]["eval/bits_per_byte"],
+       "time": fmt(times["dense"]) if "dense" in times else "-"},
+      {"name": "upcycled MoE, before training", "params": _count(moe_params), "step": step,
+       "loss": start_evals["moe"]["eval/loss"], "bpb": start_evals["moe"]["eval/bits_per_byte"],
+       "time": "-"},
+      {"name": "dense, continued", "params": _count(dense_params), "step": final_step,
+       "loss": dense_result["eval/loss"], "bpb": dense_result["eval/bits_per_byte"],
+       "time": fmt(dense_time)},
+      {"name": "upcycled MoE, trained", "params": _count(moe_params), "step": final_step,
+       "loss": moe_result["eval/loss"], "bpb": moe_result["eval/bits_per_byte"],
+       "time": fmt(moe_time)},
+  ]
+  moe = moe_config.model.moe
+  header = (
+      f"# Sparse upcycling: {dense_workdir} (step {step}) + {_EXTRA_STEPS.value} steps\n\n"
+      f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
+      f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()}, "
+      f"{os.cpu_count()} cores visible). Task {dense_config.data.task}, batch "
+      f"{dense_config.data.batch_size} x {dense_config.data.seq_len} tokens.\n\n"
+      f"MoE: moe_every={moe_config.model.moe_every}, {moe.num_experts} experts of hidden "
+      f"{moe.expert_hidden_dim} (= dense mlp_dim), top-{moe.top_k} renormalised, dropless; "
+      f"noise_std {_NOISE_STD.value}, router init N(0, {_ROUTER_INIT_STD.value}^2); optimizer "
+      f"state upcycled. The MoE's FFN layers do {moe.top_k}x the dense FFN FLOPs per token. Wall "
+      "times are this invocation's training (with compilation); a resumed run shows only its "
+      "own part.\n\n"
+      f"Command: `{' '.join(['python'] + sys.argv)}`\n\n")
+  text = header + results_table(rows) + "\n"
+  with open(os.path.join(workdir, "upcycle_results.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["dense_workdir", "workdir"])
+  app.run(main)
