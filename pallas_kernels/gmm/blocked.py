@@ -53,15 +53,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype, ti
     # Sliced (and upcast) once per group, not per tile.
     w = lax.dynamic_index_in_dim(rhs, i, keepdims=False).astype(acc_dtype)
 
-    def tile_body(start, size, inside, out):
+    def tile_body(start, size, out):
       row, mask = metadata.tile_window(start, ends[i], size, num_rows)
       x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
       y = lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=acc_dtype)
-      if not inside:
-        # Keep the rows this tile may not overwrite: the next group's (the
-        # last tile overhangs its group) and, near the bottom of lhs, rows
-        # above `start` that the in-bounds shift pulled in.
-        y = jnp.where(mask, y, lax.dynamic_slice_in_dim(out, row, size))
+      # Keep the rows this tile may not overwrite: the next group's (the
+      # last tile overhangs its group) and, near the bottom of lhs, rows
+      # above `start` that the in-bounds shift pulled in.
+      y = jnp.where(mask, y, lax.dynamic_slice_in_dim(out, row, size))
       return lax.dynamic_update_slice_in_dim(out, y, row, 0)
 
     return metadata.for_each_row_tile(starts[i], ends[i], tiles, tile_body, out)
@@ -78,32 +77,52 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, out_dtype,
          tiling=None) -> jax.Array:
   """out[i] = lhs[rows of i].T @ grad[rows of i]: lhs [M, K], grad [M, N] -> [G, K, N].
 
-  Each group sums its tiles' [K, N] products in a float32 accumulator and
-  writes it once, so empty groups come out as exact zeros and rows past
+  Each group is full tiles of the largest size plus one tail tile of a size
+  picked from a fine ladder (`metadata.split_group`). Every tile writes and
+  adds a whole [K, N] product, a fixed cost on top of its rows, so one
+  slightly padded tail tile beats a chain of small ones: at 64 experts with
+  ~128 rows each, ~18% faster on 2 CPU cores than the earlier schedule
+  (greedy tiles of 512, 256, 128 and 64 rows, one [K, N] accumulator add per
+  tile) and ~10% faster than gmm's schedule. The tail's dot runs in
+  a `lax.switch` over the ladder and returns only its [K, N] product: passing
+  the [G, K, N] output through the switch instead copied it on every call
+  (over 10x slower). Empty groups come out as exact zeros and rows past
   sum(group_sizes) (even NaN ones) are ignored.
   """
   num_rows, k = lhs.shape
+  n = grad.shape[1]
   tiles = _tiles(tiling, num_rows)
+  largest, tail_sizes = tiles[0], metadata.tail_tile_sizes(tiles)
   acc_dtype = common.accumulation_dtype(jnp.result_type(lhs, grad))
   starts, ends = metadata.group_bounds(group_sizes, num_rows)
 
-  def group_body(i, out):
-    def tile_body(start, size, inside, acc):
-      row, mask = metadata.tile_window(start, ends[i], size, num_rows)
-      x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
-      g = lax.dynamic_slice_in_dim(grad, row, size).astype(acc_dtype)
-      if not inside:
-        # Both operands are masked: a zeroed row of one side would still let a
-        # NaN or Inf in the other side's foreign rows through (0 * inf = nan).
-        x, g = jnp.where(mask, x, 0), jnp.where(mask, g, 0)
-      return acc + lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+  def tile_product(start, end, size, inside=False):
+    row, mask = metadata.tile_window(start, end, size, num_rows)
+    x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
+    g = lax.dynamic_slice_in_dim(grad, row, size).astype(acc_dtype)
+    if not inside:
+      # Both operands are masked: a zeroed row of one side would still let a
+      # NaN or Inf in the other side's foreign rows through (0 * inf = nan).
+      x, g = jnp.where(mask, x, 0), jnp.where(mask, g, 0)
+    return lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
 
-    acc = metadata.for_each_row_tile(starts[i], ends[i], tiles, tile_body,
-                                     common.loop_zeros((k, grad.shape[1]), acc_dtype, lhs, grad,
-                                                       group_sizes))
+  # Branch 0 is the empty group; its zeros vary over the same shard_map axes
+  # as the products (see `common.loop_zeros`), as `lax.switch` requires.
+  tail_branches = [lambda start, end: common.loop_zeros((k, n), acc_dtype, lhs, grad, group_sizes)]
+  tail_branches += [lambda start, end, size=size: tile_product(start, end, size)
+                    for size in tail_sizes]
+
+  def group_body(i, out):
+    start, end = starts[i], ends[i]
+    num_full, tail_start, tail_index = metadata.split_group(start, end, largest, tail_sizes)
+
+    def full_tile(j, acc):
+      return acc + tile_product(start + j * largest, end, largest, inside=True)
+
+    acc = lax.switch(tail_index, tail_branches, tail_start, end)
+    acc = lax.fori_loop(0, num_full, full_tile, acc)
     return lax.dynamic_update_index_in_dim(out, acc, i, 0)
 
   # A float32 carry, cast once at the end, for the same reason as in `gmm`.
-  out = common.loop_zeros((group_sizes.shape[0], k, grad.shape[1]), acc_dtype, lhs, grad,
-                          group_sizes)
+  out = common.loop_zeros((group_sizes.shape[0], k, n), acc_dtype, lhs, grad, group_sizes)
   return lax.fori_loop(0, group_sizes.shape[0], group_body, out).astype(out_dtype)

@@ -1,12 +1,22 @@
 """Group offsets and the row-tile schedule of the blocked backend.
 
 Rows of `lhs` are sorted by group: group `i` owns rows `[starts[i], ends[i])`.
-The blocked backend covers each group with row tiles whose sizes come from a
-short decreasing tuple such as `(512, 256, 128, 64)`: as many tiles of the
-largest size as fit inside the group, then of the next size, and so on; the
-smallest size is used with a ceiling, so the group's last tile may run past
-its end. Tiles start at group boundaries, so one tile never mixes two groups'
-weights, and every group wastes less than one smallest tile of work.
+The blocked backend cuts each group into row tiles that start at the group's
+first row, so one tile never mixes two groups' weights. Tile sizes come from a
+short decreasing tuple such as `DEFAULT_ROW_TILES`; the two passes use it
+differently because their per-tile costs differ:
+
+- gmm (`for_each_row_tile`): the group's rows, rounded up to a multiple of
+  the smallest size, are covered greedily, largest size first: e.g. 140 rows
+  with sizes (..., 128, 64, 32, 16) become one tile of 128 and one of 16.
+- tgmm (`split_group` + `tail_tile_sizes`): tiles of the largest size while
+  more rows remain than it holds, then exactly one tile, of the smallest size
+  in a finer ladder (`tail_tile_sizes`) that holds the rest: 140 rows become
+  one tile of 160. Every tgmm tile writes a whole [K, N] product, so fewer,
+  slightly larger tiles win there.
+
+Either way only the group's last tile runs past its end, by less than one
+smallest size (gmm) or about a quarter of the tile (tgmm), and it is masked.
 
 The Pallas kernels read aligned row tiles instead, which may hold rows of
 several groups: `tile_group_ranges` lists the groups of each tile (GPU) and
@@ -25,8 +35,11 @@ Carry = TypeVar("Carry")
 
 # Large tiles run near dense-matmul speed on XLA:CPU (each tile dot re-packs
 # its [k, n] weight, a cost that small tiles cannot amortize); the smaller
-# levels only mop up each group's remainder, so little work is padding.
-DEFAULT_ROW_TILES = (512, 256, 128, 64)
+# levels only mop up each group's remainder. Going down to 16 rows (from 64),
+# with `for_each_row_tile`'s schedule, cut the padded rows of a 64-expert
+# layer with ~128 rows per group from ~23% to ~6%, and gmm's time there by
+# ~10% on 2 CPU cores (experiments/bench_gmm_cpu.py).
+DEFAULT_ROW_TILES = (512, 256, 128, 64, 32, 16)
 
 # The passes a Pallas backend's per-pass tiling names: the forward gmm, the
 # d_lhs gmm and the d_rhs tgmm.
@@ -156,31 +169,82 @@ def tile_window(start: jax.Array, end: jax.Array, size: int,
 
 
 def for_each_row_tile(start: jax.Array, end: jax.Array, tiles: Sequence[int],
-                      body: Callable[[jax.Array, int, bool, Carry], Carry], carry: Carry) -> Carry:
-  """Folds `body(tile_start, tile_size, inside, carry)` over the tiles covering `[start, end)`.
+                      body: Callable[[jax.Array, int, Carry], Carry], carry: Carry) -> Carry:
+  """Folds `body(tile_start, tile_size, carry)` over gmm's tiles covering `[start, end)`.
+
+  The rows are rounded up to a multiple of the smallest size, then covered
+  greedily, largest size first (see the module docstring). Compared with a
+  ceiling on the smallest size only, this needs fewer tiles for the same
+  padding: 120 rows with sizes (128, 64) take one tile of 128, not two of 64.
 
   Args:
     start: int32 scalar, the group's first row.
     end: int32 scalar, one past the group's last row.
-    tiles: decreasing static tile sizes; see the module docstring.
-    body: traced once per tile size. `tile_size` is a Python int and
-      `inside` a Python bool: True when every tile of this size lies inside
-      the group (all levels but the last), so the body may skip masking.
+    tiles: decreasing static tile sizes.
+    body: traced once per tile size, with `tile_size` a Python int. Only the
+      last tile may run past `end`, but which one that is depends on the
+      data, so the body must mask every tile to `[tile_start, end)`.
     carry: the loop state.
 
   Returns:
     The final carry. An empty group runs no tile.
   """
+  smallest = tiles[-1]
+  span = (end - start + smallest - 1) // smallest * smallest
   offset = start
   for level, size in enumerate(tiles):
-    remaining = end - offset
-    is_last = level == len(tiles) - 1
-    count = (remaining + size - 1) // size if is_last else remaining // size
-    step = lambda j, c, size=size, offset=offset, inside=not is_last: body(
-        offset + j * size, size, inside, c)
+    # A ceiling on the last level still covers the rows when the larger
+    # sizes are not multiples of the smallest (tiles capped at M rows).
+    count = (span + size - 1) // size if level == len(tiles) - 1 else span // size
+    span = span - count * size
+    step = lambda j, c, size=size, offset=offset: body(offset + j * size, size, c)
     carry = lax.fori_loop(0, count, step, carry)
     offset = offset + count * size
   return carry
+
+
+def tail_tile_sizes(tiles: Sequence[int]) -> tuple[int, ...]:
+  """The increasing sizes tgmm may pick its one last tile of a group from.
+
+  From the smallest to the largest of `tiles`, in steps of a quarter of the
+  current power of two (never below the smallest size): with the default
+  tiles 16, 32, 48, 64, 80, ..., 128, 160, ..., 256, 320, ..., 512. A tile of
+  the first size that holds the rest pads by less than a quarter of its rows
+  (or less than the smallest size); the default tiles give 16 sizes, one
+  `lax.switch` branch each.
+  """
+  smallest, largest = tiles[-1], tiles[0]
+  sizes, size = [], smallest
+  while size < largest:
+    sizes.append(size)
+    size += max(smallest, (1 << (size.bit_length() - 1)) // 4)
+  sizes.append(largest)
+  return tuple(sizes)
+
+
+def split_group(start: jax.Array, end: jax.Array, largest: int,
+                tail_sizes: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """tgmm's schedule for `[start, end)`: full tiles of `largest`, then one tail tile.
+
+  Args:
+    start: int32 scalar, the group's first row.
+    end: int32 scalar, one past the group's last row.
+    largest: the size of the full tiles; also `tail_sizes[-1]`.
+    tail_sizes: increasing static sizes for the tail tile (`tail_tile_sizes`).
+
+  Returns:
+    `(num_full, tail_start, tail_index)`: full tiles start at
+    `start + j * largest` for `j < num_full`, all inside the group; the tail
+    holds the remaining 1 to `largest` rows from `tail_start` on, in a tile of
+    size `tail_sizes[tail_index - 1]`; `tail_index` is 0 for an empty group.
+  """
+  rows = end - start
+  num_full = jnp.maximum(rows - 1, 0) // largest
+  tail_start = start + num_full * largest
+  tail_rows = end - tail_start
+  fits = jnp.searchsorted(jnp.asarray(tail_sizes, jnp.int32), tail_rows, side="left")
+  tail_index = jnp.where(tail_rows > 0, fits + 1, 0).astype(jnp.int32)
+  return num_full, tail_start, tail_index
 
 
 def tile_visits(group_sizes: jax.Array, num_rows: int, tm: int, *, visit_empty_groups: bool = False,
