@@ -158,3 +158,16 @@ def test_comm_model_counts_the_bytes_the_layer_exchanges(mode):
   combine_kind = "reduce_scatter" if mode == "allgather" else "all_to_all"
   combine = [size for kind, size in collectives if kind == combine_kind][-1]
   assert combine == expected["combine_per_device_bytes"], (collectives, expected)
+
+
+def test_shared_experts_run_expert_parallel():
+  """A layer with an always-on shared expert computes the same function with experts split."""
+  def with_shared(**mesh):
+    config = tiny_moe_config(**mesh)
+    config.model.moe.num_shared_experts = 1
+    return config
+
+  loss, _, grads = loss_and_grads(with_shared(data=8))
+  ep_loss, _, ep_grads = loss_and_grads(with_shared(data=2, expert=4))
+  assert ep_loss == pytest.approx(loss, rel=1e-6)
+  assert worst_relative_difference(ep_grads, grads) < 1e-5
