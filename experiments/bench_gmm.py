@@ -28,14 +28,17 @@ same run are printed as a table and written as CSV (--csv).
 Shapes (--shapes; --num_tokens overrides T, --scale divides d and f):
   mixtral             d 4096, f 14336, E 8, top-2, T 8192 (Mixtral 8x7B experts).
   deepseek_v2         d 2048, f 1408, E 64, top-6, T 8192 (DeepSeek-V2-Lite experts).
-  deepseek_v3_scaled  d 7168, f 2048, E 256, top-8: DeepSeek-V3's expert shape
-                      unchanged, scaled in tokens: T 4096 (M 32768 rows, 128 per
-                      expert on average), and one projection instead of a layer's
-                      three. Its bf16 weight is E * d * f * 2 B = 7.5 GB, as is each
-                      weight gradient; at peak the inputs (8 GB, which torch reads
-                      through DLPack), two JAX forward+backward outputs in flight
-                      (2 x 8 GB) and the torch peer's (up to 2 x 8 GB) come to
-                      about 40 GB, half an H100.
+  deepseek_v3_scaled  d 3584, f 1024, E 256, top-8, T 8192: DeepSeek-V3's experts
+                      (E 256, top-8, d 7168, f 2048) with d and f halved. At full
+                      size one projection's weight has E * d * f = 3.8e9 elements,
+                      past the 2^31 that 32-bit offsets g * d * f in a GPU kernel
+                      can reach (an overflow is an illegal memory access that ends
+                      the whole run; not checked for our Triton kernels), and takes
+                      7.5 GB per copy. Halved: 0.94e9 elements, 1.9 GB in bf16;
+                      M 65536 rows, 256 per expert on average. At peak the inputs
+                      (2.5 GB, which torch reads through DLPack), two JAX
+                      forward+backward outputs in flight (2 x 2.5 GB) and the torch
+                      peer's take about 10 GB, well inside a ~40 GB budget.
   moe_cpu             d 512, f 512, E 64, top-2, T 4096: the CPU target of
                       experiments/bench_moe_layer.py (use --scale=1 on CPU).
 
@@ -90,9 +93,9 @@ class Shape:
 PRESETS = {
     "mixtral": Shape("mixtral", d=4096, f=14336, experts=8, top_k=2, num_tokens=8192),
     "deepseek_v2": Shape("deepseek_v2", d=2048, f=1408, experts=64, top_k=6, num_tokens=8192),
-    # See the module docstring for how this fits in ~40 GB.
-    "deepseek_v3_scaled": Shape("deepseek_v3_scaled", d=7168, f=2048, experts=256, top_k=8,
-                                num_tokens=4096),
+    # DeepSeek-V3's d 7168 and f 2048 halved; see the module docstring.
+    "deepseek_v3_scaled": Shape("deepseek_v3_scaled", d=3584, f=1024, experts=256, top_k=8,
+                                num_tokens=8192),
     "moe_cpu": Shape("moe_cpu", d=512, f=512, experts=64, top_k=2, num_tokens=4096),
 }
 SKEWS = ("balanced", "skewed")
@@ -377,9 +380,9 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
                        else shape.num_tokens)
     m, k, n, e = t * shape.top_k, shape.d, shape.f, shape.experts
     key, kx, kw, kd, kc = jax.random.split(key, 5)
-    # Inputs are drawn on the device: the largest weight is 7.5 GB.
+    # Inputs are drawn on the device, the weight one expert at a time.
     x = jax.random.normal(kx, (m, k), dtype)
-    w = jax.random.normal(kw, (e, k, n), dtype)
+    w = jax.vmap(lambda key: jax.random.normal(key, (k, n), dtype))(jax.random.split(kw, e))
     w_dense = jax.random.normal(kd, (k, n), dtype)
     ct = jax.random.normal(kc, (m, n), dtype)
     expanded = _expanded_gib(m, e, n, dtype)

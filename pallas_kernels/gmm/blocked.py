@@ -120,7 +120,10 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, out_dtype,
       return acc + tile_product(start + j * largest, end, largest, inside=True)
 
     acc = lax.switch(tail_index, tail_branches, tail_start, end)
-    acc = lax.fori_loop(0, num_full, full_tile, acc)
+    if largest < num_rows:
+      # Otherwise no group has a full tile, and XLA would hoist the
+      # loop-invariant dot of the zero-trip loop (see `metadata.row_tiles_for`).
+      acc = lax.fori_loop(0, num_full, full_tile, acc)
     return lax.dynamic_update_index_in_dim(out, acc, i, 0)
 
   # A float32 carry, cast once at the end, for the same reason as in `gmm`.
