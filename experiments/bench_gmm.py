@@ -23,7 +23,7 @@ same run are printed as a table and written as CSV (--csv).
   python experiments/bench_gmm.py --num_tokens=64 --repeats=3
   # The CPU target shape at full size, blocked backend only:
   python experiments/bench_gmm.py --shapes=moe_cpu --scale=1 --num_tokens=4096 \
-      --backends=blocked --skew=balanced --include_tgmm
+      --backends=blocked --peers= --include_tgmm
 
 Shapes (--shapes; --num_tokens overrides T, --scale divides d and f):
   mixtral             d 4096, f 14336, E 8, top-2, T 8192 (Mixtral 8x7B experts).
@@ -99,6 +99,7 @@ PRESETS = {
     "moe_cpu": Shape("moe_cpu", d=512, f=512, experts=64, top_k=2, num_tokens=4096),
 }
 SKEWS = ("balanced", "skewed")
+PEERS = ("ragged_dot", "tokamax", "torch")
 OPS = ("fwd", "fwd+bwd", "tgmm")
 CSV_COLUMNS = ("shape", "skew", "dtype", "device", "num_tokens", "top_k", "experts", "m", "k", "n",
                "op", "impl", "ms", "tflops_per_s", "flops", "vs_dense", "vs_fwd")
@@ -125,6 +126,9 @@ _BACKENDS = flags.DEFINE_list(
     "backends", ["auto", "xla"],
     f"pallas_kernels.gmm backends to time, from {ops.BACKENDS}; 'auto' resolves to the "
     "platform's default ('gpu' on GPU, 'blocked' on CPU) and duplicates are dropped.")
+_PEERS = flags.DEFINE_list(
+    "peers", list(PEERS), f"Peers to time beside the dense matmul (always timed), from {PEERS}; "
+    "tokamax and torch only where available.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per candidate (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs per candidate after compiling.")
 _CALLS = flags.DEFINE_integer(
@@ -316,6 +320,7 @@ def _resolve_backends(backends: Sequence[str]) -> list[str]:
 
 def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, dtype=None,
                   skews: Sequence[str] = SKEWS, backends: Sequence[str] = ("auto", "xla"),
+                  peers: Sequence[str] = PEERS,
                   repeats: int = 10, warmup: int = 2, calls_per_sample: int | None = None,
                   include_tgmm: bool = False,
                   scale: int | None = None, csv_path: str = "", seed: int = 0,
@@ -330,6 +335,7 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
     dtype: input dtype (None: bfloat16 on accelerators, float32 on CPU).
     skews: group-size distributions, from `SKEWS`.
     backends: `pallas_kernels.gmm` backends; "auto" is resolved, duplicates dropped.
+    peers: from `PEERS`; tokamax and torch are left out, with a note, where unavailable.
     repeats: timed rounds; the median is reported.
     warmup: untimed runs per candidate after the compiling one.
     calls_per_sample: back-to-back calls per timed sample; time per call is reported (None:
@@ -355,21 +361,24 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
   if unknown:
     raise ValueError(f"unknown shapes {unknown}; choose from {sorted(PRESETS)}.")
   backends = _resolve_backends(backends)
+  unknown = [p for p in peers if p not in PEERS]
+  if unknown:
+    raise ValueError(f"unknown peers {unknown}; choose from {PEERS}.")
   op_names = OPS if include_tgmm else OPS[:2]
   device = jax.devices()[0].device_kind
-  torch_peer = _Torch(dtype)
-  tokamax = _tokamax()
+  torch_peer = _Torch(dtype) if "torch" in peers else None
+  tokamax = _tokamax() if "tokamax" in peers else None
 
   log(f"# gmm throughput: {datetime.date.today()}, JAX {jax.__version__}, {device} "
       f"({jax.default_backend()}), {platform.machine()}, {os.cpu_count()} CPUs"
-      + (f", torch {torch_peer.torch.__version__}" if torch_peer.torch else ""))
+      + (f", torch {torch_peer.torch.__version__}" if torch_peer and torch_peer.torch else ""))
   log("# command: python " + " ".join(sys.argv))
   log(f"# dtype {dtype.name}, d and f divided by {scale}; time per call: median of {repeats} "
       f"samples of {calls_per_sample} back-to-back calls; TFLOP/s and "
       "ratio to the dense matmul of equal FLOPs in the same run; vs fwd: tgmm / forward TFLOP/s")
-  if not torch_peer.torch:
+  if torch_peer and not torch_peer.torch:
     log(f"# note: torch._grouped_mm left out: {torch_peer.reason}.")
-  if tokamax is None:
+  if "tokamax" in peers and tokamax is None:
     log("# note: tokamax.ragged_dot left out: tokamax is not installed (pip install .[bench]).")
 
   rows = []
@@ -403,7 +412,7 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
 
       # Every matmul takes (lhs, rhs, group_sizes); dense ignores the sizes.
       matmuls = {"dense": (lambda a, b, s: a @ b, w_dense)}
-      if not skip_expanded:
+      if "ragged_dot" in peers and not skip_expanded:
         matmuls["jax.lax.ragged_dot"] = (lambda a, b, s: jax.lax.ragged_dot(a, b, s), w)
       if tokamax is not None:
         matmuls["tokamax.ragged_dot"] = (lambda a, b, s: tokamax.ragged_dot(a, b, s), w)
@@ -416,7 +425,7 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
       tgmms.update({f"gmm[{b}]": (lambda a, g, s, b=b: pallas_kernels.tgmm(a, g, s, backend=b))
                     for b in backends if not (skip_expanded and b in ("xla", "reference"))})
       torch_timers = {}
-      if torch_peer.torch:
+      if torch_peer and torch_peer.torch:
         try:
           torch_timers = torch_peer.timers(x, w, ct, sizes_np, calls_per_sample)
         except Exception as e:  # noqa: BLE001 (the peer's failure must not stop the others)
@@ -451,7 +460,7 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
               f"{fmt(row['vs_dense'])} | {fmt(row['vs_fwd'])} |")
     # Free this shape's device memory before the next one's inputs are drawn.
     del x, w, w_dense, ct, matmuls, tgmms, timers, torch_timers
-    if torch_peer.torch:
+    if torch_peer and torch_peer.torch:
       torch_peer.torch.cuda.empty_cache()
 
   if csv_path:
@@ -466,8 +475,8 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
 def main(argv):
   del argv
   run_benchmark(_SHAPES.value, num_tokens=_NUM_TOKENS.value, dtype=_DTYPE.value, skews=_SKEW.value,
-                backends=_BACKENDS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
-                calls_per_sample=_CALLS.value,
+                backends=_BACKENDS.value, peers=_PEERS.value, repeats=_REPEATS.value,
+                warmup=_WARMUP.value, calls_per_sample=_CALLS.value,
                 include_tgmm=_INCLUDE_TGMM.value, scale=_SCALE.value, csv_path=_CSV.value,
                 seed=_SEED.value, zipf_exponent=_ZIPF.value,
                 ragged_dot_max_gib=_RAGGED_DOT_MAX_GIB.value)

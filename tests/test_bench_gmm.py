@@ -95,3 +95,16 @@ def test_tiny_cpu_run_writes_expected_csv(tmp_path):
     # Only tgmm rows compare with the same implementation's forward.
     assert (r["vs_fwd"] != "") == (r["op"] == "tgmm")
   assert any("torch._grouped_mm left out" in line for line in lines)
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(shape_names=["mixtral_8x22b"]), "shapes"),
+    (dict(peers=["cublas"]), "peers"),
+    (dict(backends=["cuda"]), "backend"),
+])
+def test_bad_arguments_raise_before_timing(kwargs, argument):
+  args = dict(shape_names=["mixtral"], num_tokens=8, scale=64, repeats=1, warmup=0,
+              log=lambda line: None)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=argument):
+    bench_gmm.run_benchmark(args.pop("shape_names"), **args)
