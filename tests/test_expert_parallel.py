@@ -1,8 +1,6 @@
 """Expert parallelism: the training loss and gradients are the same function on every mesh."""
 import functools
-import os
 import shutil
-import signal
 
 import jax
 import jax.extend
@@ -12,6 +10,7 @@ import pytest
 from configs import default
 from moe_jax import data, sharding, train
 from moe_jax.validation import ConfigError, validate_config
+from test_train import run  # trains with a loss-recording, optionally preempting callback
 
 
 def tiny_moe_config(capacity_factor=None, exchange="all_to_all", **mesh):
@@ -78,18 +77,6 @@ def test_capacity_group_may_not_span_devices():
   config.model.moe.group_size = 64  # each device holds one 32-token sequence
   with pytest.raises(ConfigError, match="group_size=64 must divide the tokens each device holds"):
     validate_config(config, num_devices=8)
-
-
-def run(config, workdir, stop_at=None):
-  losses = {}
-
-  def callback(step, metrics):
-    losses[step] = float(metrics["loss"])
-    if step == stop_at:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  result = train.train_and_evaluate(config, str(workdir), step_callback=callback)
-  return result, losses
 
 
 def test_training_logs_the_same_losses_with_and_without_expert_parallelism(tmp_path):
