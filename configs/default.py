@@ -35,16 +35,49 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.norm_eps = 1e-6  # RMSNorm epsilon.
 
   model.moe = moe = ml_collections.ConfigDict()
-  moe.router = "token_choice"  # Routing method ("token_choice").
+  # Routing method: "token_choice" | "expert_choice" | "soft" | "top_p" | "relu" | "random"
+  # (moe_jax/routing.py). Expert choice and soft MoE see the whole group: with group_by="sequence"
+  # they leak future tokens in this causal decoder; group_by="position" does not.
+  moe.router = "token_choice"
   moe.num_experts = 8  # Routed experts E.
   moe.top_k = 2  # Experts per token K.
-  moe.capacity_factor = None  # None = dropless; a float > 0 = capacity buffers with dropping.
-  moe.group_size = 0  # Tokens per capacity group; 0 = one sequence per group. Must divide B*S.
+  # None = dropless; a float > 0 = capacity buffers with dropping. A float placeholder, so that
+  # --config.model.moe.capacity_factor=1.25 can set it from the command line.
+  moe.capacity_factor = ml_collections.config_dict.placeholder(float)
+  # (expert choice: required; C = capacity_factor * group tokens / E, the paper's c.)
+  moe.group_by = "sequence"  # Groups of consecutive tokens of a sequence, or "position" (the
+  #   tokens at one position across the batch: causal for expert choice and soft MoE).
+  moe.group_size = 0  # Tokens per group; 0 = one row (a sequence, or the batch at one position).
+  moe.capacity_priority = "position"  # Capacity claim order: "position" (Switch) or "score"
+  #   (batch-prioritized routing, V-MoE: most confident tokens first).
   moe.expert_hidden_dim = 256  # Hidden size of each expert; K * this = dense mlp_dim (equal FLOPs).
   moe.num_shared_experts = 0  # Always-on experts beside the routed ones (DeepSeekMoE).
   moe.normalize_top_k = True  # Renormalise the K selected probabilities to sum to 1 (Mixtral).
+  moe.score_function = "softmax"  # Token-choice scores: "softmax" | "sigmoid" (DeepSeek-V3).
+  moe.num_expert_groups = 1  # Group-limited routing: experts in n groups (DeepSeek-V3); 1 = off.
+  moe.top_k_groups = 1  # ... each token picks experts inside its top-m groups.
+  moe.routed_scaling_factor = 1.0  # Multiplies the routed experts' weights (DeepSeek-V3).
+  moe.bias_update_rate = 0.0  # Auxiliary-loss-free balancing bias step u; 0 = off (Wang 2024).
+  moe.router_jitter = 0.0  # Training-only multiplicative router-input noise eps (Switch).
+  moe.router_noise_std = 0.0  # Training-only Gaussian logit noise, noisy top-k (V-MoE: 1/E).
+  moe.top_p_threshold = 0.4  # router="top_p": cumulative probability p (Huang et al. 2024).
+  moe.top_p_loss_weight = 1e-4  # router="top_p": weight of the dynamic (entropy) loss.
+  moe.max_experts_per_token = 0  # router="top_p": cap on experts per token; 0 = E.
+  moe.relu_target_sparsity = 0.0  # router="relu": target zero-gate fraction; 0 = 1 - K/E.
+  moe.relu_l1_initial = 1e-8  # router="relu": initial L1 coefficient lambda_0 (ReMoE).
+  moe.relu_l1_update_factor = 1.2  # router="relu": lambda multiplier per step (ReMoE's alpha).
+  moe.soft_slots_per_expert = 0  # router="soft": slots p per expert; ceil(K*N/E) = top-K FLOPs.
+  moe.soft_normalize = True  # router="soft": L2-normalise inputs and slot parameters (Sec 2.3).
+  moe.num_zero_experts = 0  # MoE++ zero-computation experts (output 0).
+  moe.num_copy_experts = 0  # MoE++ copy experts (output x).
+  moe.num_constant_experts = 0  # MoE++ constant experts (a1 x + a2 v).
+  moe.num_null_experts = 0  # AdaMoE null experts (output 0, weights renormalised over FFN ones).
   moe.load_balance_loss_weight = 0.01  # Switch Transformer balance loss coefficient (alpha).
+  moe.balance_scope = "global"  # Balance statistics over the "global" batch or per "micro_batch".
+  moe.balance_micro_batch_size = 2  # Sequences per micro-batch for balance_scope="micro_batch".
   moe.router_z_loss_weight = 1e-3  # ST-MoE router z-loss coefficient.
+  moe.importance_loss_weight = 0.0  # V-MoE importance loss coefficient.
+  moe.noisy_load_loss_weight = 0.0  # V-MoE load loss coefficient (needs router_noise_std > 0).
   moe.gmm_backend = "auto"  # Grouped matmul backend ("auto" | "xla" | "reference" | ...).
   moe.ep_exchange = "all_to_all"  # Expert-parallel token exchange ("all_to_all" | "allgather").
 

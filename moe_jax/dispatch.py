@@ -8,7 +8,8 @@ Two dispatch modes:
     Groups are consecutive runs of `group_size` tokens of the batch, so they depend on the data layout
     only, never on the device mesh.
 
-Unassigned choices (expert index == E) go nowhere in both modes.
+Unassigned choices (expert index >= E: the sentinel, or a zero-computation / null expert) go
+nowhere in both modes.
 """
 from __future__ import annotations
 
@@ -85,20 +86,33 @@ class CapacityPlan:
   capacity: int = flax.struct.field(pytree_node=False)
 
 
-def capacity_plan(expert_index: jax.Array, num_experts: int, capacity: int) -> CapacityPlan:
-  """Assigns slots with the Switch/GShard priority rule.
+def capacity_plan(expert_index: jax.Array, num_experts: int, capacity: int,
+                  priority: jax.Array | None = None) -> CapacityPlan:
+  """Assigns slots with the Switch/GShard priority rule, or batch-prioritized routing.
 
   Within a group, all first choices claim slots before any second choice, and so on; within one
   choice rank, earlier tokens first. Assignments whose slot is >= C are dropped.
+  With `priority` (batch-prioritized routing, V-MoE, Riquelme et al. 2021, Sec. 4 / Alg. 1), tokens
+  are ranked by decreasing priority instead of position (ties by position) before the same rule,
+  so the tokens the router is most confident about claim capacity first. Slot numbers then follow
+  that ranking.
 
   Args:
-    expert_index: [G, N, K] int32 in [0, E] (E = unassigned).
+    expert_index: [G, N, K] int32 in [0, E] (E or more = no FFN expert).
     num_experts: E.
     capacity: C.
+    priority: [G, N] float, e.g. each token's largest router probability; None = position order.
   """
+  if priority is not None:
+    order = jnp.argsort(-jax.lax.stop_gradient(priority), axis=1, stable=True)  # [G, N]
+    ranked = jnp.take_along_axis(expert_index, order[:, :, None], axis=1)
+    plan = capacity_plan(ranked, num_experts, capacity)
+    inverse = jnp.argsort(order, axis=1)
+    unrank = lambda x: jnp.take_along_axis(x, inverse[:, :, None], axis=1)
+    return plan.replace(slot=unrank(plan.slot), kept=unrank(plan.kept))
   groups, group_tokens, top_k = expert_index.shape
   # One-hot is [G, K*N, E]: the index form avoids the [G, N, E, C] tensor, not this smaller one.
-  onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # sentinel E -> all zeros
+  onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # ids >= E -> all zeros
   rank_major = onehot.transpose(0, 2, 1, 3).reshape(groups, top_k * group_tokens, num_experts)
   position = jnp.cumsum(rank_major, axis=1) - 1
   slot = jnp.sum(position * rank_major, axis=-1).reshape(groups, top_k, group_tokens).transpose(0, 2, 1)

@@ -30,7 +30,6 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch, sharding
 from moe_jax.experts import batched_ffn, grouped_ffn
-from moe_jax.routing import RoutingDecision
 
 EXCHANGES = ("all_to_all", "allgather")
 AXIS = "expert"
@@ -71,9 +70,13 @@ def _vary_like(weights, tokens):
 # ---------------------------------------------------------------------------------------- dropless
 
 
-def dropless(tokens: jax.Array, decision: RoutingDecision, weights, *, mesh, exchange: str,
-             activation: str, dtype, backend: str) -> jax.Array:
-  """Expert-parallel dropless MoE: tokens [T, D] -> [T, D] float32 (T sharded over batch axes)."""
+def dropless(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Array, weights, *,
+             mesh, exchange: str, activation: str, dtype, backend: str) -> jax.Array:
+  """Expert-parallel dropless MoE: tokens [T, D] -> [T, D] float32 (T sharded over batch axes).
+
+  expert_index/combine_weight [T, K] are the FFN assignments of a `RoutingDecision` (ids >= E
+  go nowhere).
+  """
   batch_spec, expert_spec = _specs(mesh)
   ep = expert_axis_size(mesh)
   body = _dropless_all_to_all if exchange == "all_to_all" else _dropless_allgather
@@ -81,7 +84,7 @@ def dropless(tokens: jax.Array, decision: RoutingDecision, weights, *, mesh, exc
   weight_specs = tuple(None if w is None else expert_spec for w in weights)
   return jax.shard_map(
       fn, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, weight_specs),
-      out_specs=batch_spec)(tokens, decision.expert_index, decision.combine_weight, weights)
+      out_specs=batch_spec)(tokens, expert_index, combine_weight, weights)
 
 
 def _dropless_allgather(tokens, expert_index, combine_weight, weights, *, ep, activation, dtype,
@@ -142,33 +145,37 @@ def _dropless_all_to_all(tokens, expert_index, combine_weight, weights, *, ep, a
 # ---------------------------------------------------------------------------------------- capacity
 
 
-def with_capacity(tokens: jax.Array, decision: RoutingDecision, weights, *, mesh, exchange: str,
-                  group_size: int, capacity: int, activation: str, dtype
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Expert-parallel capacity MoE: tokens [T, D] -> ([T, D] float32, kept [T, K] bool)."""
+def with_capacity(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Array, weights,
+                  *, mesh, exchange: str, group_size: int, capacity: int, activation: str, dtype,
+                  priority: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Expert-parallel capacity MoE: tokens [T, D] -> ([T, D] float32, kept [T, K] bool).
+
+  `priority` [T] (batch-prioritized routing) ranks tokens within each group; None = position.
+  """
   batch_spec, expert_spec = _specs(mesh)
   ep = expert_axis_size(mesh)
   body = _capacity_all_to_all if exchange == "all_to_all" else _capacity_allgather
   fn = functools.partial(body, ep=ep, group_size=group_size, capacity=capacity,
                          activation=activation, dtype=dtype)
   weight_specs = tuple(None if w is None else expert_spec for w in weights)
+  if priority is None:
+    priority = jnp.zeros(tokens.shape[:1], jnp.float32)  # equal priorities: position order
   return jax.shard_map(
-      fn, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, weight_specs),
-      out_specs=(batch_spec, batch_spec))(tokens, decision.expert_index,
-                                          decision.combine_weight, weights)
+      fn, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, batch_spec, weight_specs),
+      out_specs=(batch_spec, batch_spec))(tokens, expert_index, combine_weight, priority, weights)
 
 
 def _grouped(x, group_size):
   return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
 
 
-def _capacity_all_to_all(tokens, expert_index, combine_weight, weights, *, ep, group_size,
+def _capacity_all_to_all(tokens, expert_index, combine_weight, priority, weights, *, ep, group_size,
                          capacity, activation, dtype):
   """Local capacity buffers [E, G_local, C, D], all-to-all to owners, batched FFN, and back."""
   num_experts = weights[0].shape[0] * ep
   index = _grouped(expert_index, group_size)
   weight = _grouped(combine_weight, group_size)
-  plan = dispatch.capacity_plan(index, num_experts, capacity)
+  plan = dispatch.capacity_plan(index, num_experts, capacity, _grouped(priority, group_size))
   buffers = dispatch.capacity_dispatch(_grouped(tokens, group_size), index, plan, num_experts)
   # [E, G_local, C, D] -> [E_local, ep * G_local, C, D]: expert e's rows from every device.
   received = jax.lax.all_to_all(buffers, AXIS, 0, 1, tiled=True)
@@ -180,7 +187,7 @@ def _capacity_all_to_all(tokens, expert_index, combine_weight, weights, *, ep, g
   return out.reshape(tokens.shape[0], -1), plan.kept.reshape(expert_index.shape)
 
 
-def _capacity_allgather(tokens, expert_index, combine_weight, weights, *, ep, group_size,
+def _capacity_allgather(tokens, expert_index, combine_weight, priority, weights, *, ep, group_size,
                         capacity, activation, dtype):
   """All-gather tokens, the global capacity plan, local experts' buffers only, reduce-scatter."""
   num_experts = weights[0].shape[0] * ep
@@ -188,7 +195,8 @@ def _capacity_allgather(tokens, expert_index, combine_weight, weights, *, ep, gr
   all_tokens = jax.lax.all_gather(tokens, AXIS, tiled=True)
   index = _grouped(jax.lax.all_gather(expert_index, AXIS, tiled=True), group_size)
   weight = _grouped(jax.lax.all_gather(combine_weight, AXIS, tiled=True), group_size)
-  plan = dispatch.capacity_plan(index, num_experts, capacity)
+  all_priority = jax.lax.all_gather(priority, AXIS, tiled=True)
+  plan = dispatch.capacity_plan(index, num_experts, capacity, _grouped(all_priority, group_size))
   local_index, is_local = _local_experts(index, num_local)
   local_plan = plan.replace(kept=plan.kept & is_local)
   buffers = dispatch.capacity_dispatch(_grouped(all_tokens, group_size), local_index, local_plan,

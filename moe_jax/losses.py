@@ -2,7 +2,8 @@
 
 All statistics run over the valid tokens of the whole batch handed to the layer. Under `jax.jit` with
 a sharded batch this is the global batch, so the value and its gradient do not change with the number
-of data-parallel devices.
+of data-parallel devices. The load-balance loss can instead be computed per micro-batch (`segments`),
+as frameworks that average it over data-parallel ranks do (Qiu et al. 2025).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import jax.numpy as jnp
 
 from moe_jax.routing import RoutingDecision
 
+BALANCE_SCOPES = ("global", "micro_batch")
+
 
 def _valid_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
   """Mean of `values` [T, ...] over the valid tokens [T] (first axis)."""
@@ -18,29 +21,57 @@ def _valid_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.sum(values * weight, axis=0) / jnp.maximum(jnp.sum(valid), 1)
 
 
+def expert_counts(decision: RoutingDecision) -> jax.Array:
+  """Assignments per expert (before any dropping): [E] float32."""
+  return jax.nn.one_hot(decision.expert_index, decision.num_experts,
+                        dtype=jnp.float32).sum(axis=(0, 1))
+
+
 def expert_load(decision: RoutingDecision) -> jax.Array:
-  """f_i: fraction of the T*K (token, choice) assignments sent to expert i, before dropping. [E].
+  """f_i: fraction of all assignments sent to expert i, before dropping. [E], sums to 1.
 
-  Sums to 1 over experts when every token is assigned K experts; uniform load gives 1/E each.
+  For top-k token choice this is (# assignments to i) / (T * K); for routers with a variable
+  number of experts per token the denominator is the actual number of assignments. Uniform load
+  gives 1/E each.
   """
-  num_experts = decision.num_experts
-  counts = jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.float32).sum(axis=(0, 1))
-  top_k = decision.expert_index.shape[-1]
-  return counts / jnp.maximum(jnp.sum(decision.valid) * top_k, 1)
+  counts = expert_counts(decision)
+  return counts / jnp.maximum(jnp.sum(counts), 1.0)
 
 
-def switch_load_balance_loss(decision: RoutingDecision) -> jax.Array:
+def experts_per_token(decision: RoutingDecision, num_ffn_experts: int) -> jax.Array:
+  """Mean number of FFN experts (not zero-computation or null) assigned per valid token."""
+  is_ffn = (decision.expert_index < num_ffn_experts).astype(jnp.float32)
+  return _valid_mean(jnp.sum(is_ffn, axis=-1), decision.valid)
+
+
+def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | None = None,
+                             num_segments: int = 1) -> jax.Array:
   """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
       loss = E * sum_i f_i * P_i,
-      f_i = (# assignments to expert i) / (T * K),   P_i = mean over tokens of router_probs[:, i].
+      f_i = (# assignments to expert i) / (# assignments),   P_i = mean over tokens of p_i(x).
 
-  f_i is divided by K so that the loss is 1 under perfectly uniform routing for every K (the same
-  normalisation for every router here); f_i carries no gradient, P_i does.
+  f_i is divided by the number of assignments (T * K for top-k) so that the loss is 1 under
+  perfectly uniform routing for every K and every router here; f_i carries no gradient, P_i does.
+
+  Global-batch vs micro-batch balance (Qiu et al. 2025, "Demons in the Detail", eq. 1-3): with
+  `segments` [T] int in [0, num_segments) (the micro-batch of each token), f_i and P_i are taken
+  within each micro-batch and the loss is the mean over micro-batches of E * sum_i f_i P_i; with one
+  segment it is the global-batch loss.
   """
-  load = jax.lax.stop_gradient(expert_load(decision))
-  mean_prob = _valid_mean(decision.router_probs, decision.valid)
-  return decision.num_experts * jnp.sum(load * mean_prob)
+  if segments is None or num_segments == 1:
+    load = jax.lax.stop_gradient(expert_load(decision))
+    mean_prob = _valid_mean(decision.router_probs, decision.valid)
+    return decision.num_experts * jnp.sum(load * mean_prob)
+  num_experts = decision.num_experts
+  valid = decision.valid.astype(jnp.float32)
+  onehot = jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.float32).sum(axis=1)
+  counts = jax.ops.segment_sum(onehot, segments, num_segments)  # [M, E]
+  load = jax.lax.stop_gradient(counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0))
+  prob_sum = jax.ops.segment_sum(decision.router_probs * valid[:, None], segments, num_segments)
+  tokens = jax.ops.segment_sum(valid, segments, num_segments)
+  mean_prob = prob_sum / jnp.maximum(tokens, 1.0)[:, None]
+  return num_experts * jnp.mean(jnp.sum(load * mean_prob, axis=-1))
 
 
 def router_z_loss(decision: RoutingDecision) -> jax.Array:
@@ -50,7 +81,66 @@ def router_z_loss(decision: RoutingDecision) -> jax.Array:
 
 
 def router_entropy(decision: RoutingDecision) -> jax.Array:
-  """Mean entropy (nats) of the per-token router distribution; log(E) is maximal uncertainty."""
+  """Mean entropy (nats) of the per-token router distribution; log(E) is maximal uncertainty.
+
+  Also the dynamic loss of top-p routing (Huang et al. 2024, eq. 6): minimising it sharpens the
+  distribution so that fewer experts reach the threshold p.
+  """
   probs = decision.router_probs
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
   return _valid_mean(entropy, decision.valid)
+
+
+def _squared_cv(values: jax.Array) -> jax.Array:
+  """(std / mean)^2 of a vector (population std), 0 for a constant vector."""
+  mean = jnp.mean(values)
+  return jnp.var(values) / jnp.maximum(mean * mean, 1e-30)
+
+
+def importance_loss(decision: RoutingDecision) -> jax.Array:
+  """V-MoE importance loss (Riquelme et al. 2021, App. A, eq. 6-7; Shazeer et al. 2017 eq. 6).
+
+      Imp_i(X) = sum over tokens of p_i(x)  (the gates, noisy in training);  loss = CV(Imp)^2.
+  """
+  valid = decision.valid.astype(jnp.float32)[:, None]
+  return _squared_cv(jnp.sum(decision.router_probs * valid, axis=0))
+
+
+def noisy_load_loss(decision: RoutingDecision, noise_std: float, top_k: int) -> jax.Array:
+  """V-MoE load loss (Riquelme et al. 2021, App. A, eq. 8-10; Shazeer et al. 2017 eq. 8-10).
+
+      threshold(x) = K-th largest noisy logit;
+      P_i(x) = Pr[(W x)_i + eps_new >= threshold(x)] = 1 - Phi((threshold(x) - (W x)_i) / std);
+      load_i(X) = sum over tokens of P_i(x);   loss = CV(load)^2.
+
+  Needs the noisy logits of a noisy top-k decision; without noise (evaluation) it returns 0.
+  """
+  if decision.noisy_logits is None or noise_std <= 0:
+    return jnp.zeros((), jnp.float32)
+  threshold = jax.lax.top_k(decision.noisy_logits, top_k)[0][:, -1:]
+  prob = 1.0 - jax.scipy.stats.norm.cdf((threshold - decision.router_logits) / noise_std)
+  valid = decision.valid.astype(jnp.float32)[:, None]
+  return _squared_cv(jnp.sum(prob * valid, axis=0))
+
+
+def relu_l1_loss(decision: RoutingDecision, top_k: int) -> jax.Array:
+  """ReMoE's load-balanced L1 penalty on the ReLU gates (Liu et al. 2024, eq. 8-9).
+
+      f_i = E / (K * T) * #{tokens with gate_i > 0}   (no gradient),
+      loss = 1 / T * sum_t sum_i f_i * gate_{t,i}.
+
+  Multiplied by the adaptive coefficient lambda (`router_state.l1_coefficient_update`) in the layer.
+  """
+  gates = jax.nn.relu(decision.router_logits)
+  valid = decision.valid.astype(jnp.float32)[:, None]
+  tokens = jnp.maximum(jnp.sum(valid), 1.0)
+  active = jnp.sum((gates > 0) * valid, axis=0)
+  frequency = jax.lax.stop_gradient(decision.num_experts * active / (top_k * tokens))
+  return jnp.sum(gates * valid * frequency) / tokens
+
+
+def gate_sparsity(decision: RoutingDecision) -> jax.Array:
+  """Fraction of (valid token, expert) router gates that are zero (ReLU routing's sparsity)."""
+  gates = jax.nn.relu(decision.router_logits)
+  zero = jnp.mean((gates <= 0).astype(jnp.float32), axis=-1)
+  return _valid_mean(zero, decision.valid)

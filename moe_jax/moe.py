@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from moe_jax import dispatch, expert_parallel, losses, routing, sharding
-from moe_jax.experts import Experts, apply_activation, ffn_init
+from moe_jax import dispatch, expert_parallel, losses, router_state, routing, sharding
+from moe_jax.experts import Experts, apply_activation, batched_ffn, ffn_init
+from moe_jax.routers.soft import SoftRouter
+from moe_jax.zero_experts import ZeroComputationExperts, renormalize_over_ffn_experts
 
 
 class MLP(nnx.Module):
@@ -39,16 +41,30 @@ class MLP(nnx.Module):
 
 
 class MoELayer(nnx.Module):
-  """Sparse Mixture-of-Experts FFN (Shazeer et al. 2017; GShard 2020; Switch Transformer 2021).
+  """Mixture-of-Experts FFN (Shazeer et al. 2017; GShard 2020; Switch Transformer 2021).
 
-  `layer(x, mask)` with x [B, S, D] and optional mask [B, S] (False = padding, routed nowhere) returns
-  (y [B, S, D], aux). `aux["loss"]` is the weighted auxiliary loss (scalar); the other entries are
-  unweighted losses and metrics: `load_balance_loss`, `router_z_loss`, `expert_load` [E] (fraction of
-  assignments per expert, before dropping), `dropped_fraction`, `router_entropy`.
+  `layer(x, mask, train=..., rng=...)` with x [B, S, D] and optional mask [B, S] (False = padding,
+  routed nowhere) returns (y [B, S, D], aux). `aux["loss"]` is the weighted auxiliary loss
+  (scalar); the other entries are unweighted losses and metrics: `load_balance_loss`,
+  `router_z_loss`, `expert_load` [E'] (fraction of assignments per router output, before
+  dropping), `dropped_fraction`, `router_entropy`, `experts_per_token` (mean FFN experts per
+  valid token), and router-specific terms.
+
+  The router (`config.router`, see `moe_jax.routing`) gives an index-form decision, the dispatch
+  moves tokens (dropless sort + grouped matmul when `capacity_factor` is None, capacity buffers
+  otherwise, expert-parallel `shard_map` when the mesh has an `expert` axis > 1), the experts
+  compute, and the combine sums the weighted outputs in float32. Soft MoE mixes tokens into slots
+  with dense weights instead. Zero-computation / null experts (MoE++, AdaMoE), shared experts
+  (DeepSeekMoE) and router state (auxiliary-loss-free bias, ReMoE's L1 coefficient) are added
+  around that core.
+
+  Groups (capacity groups, expert choice, soft MoE, micro-batch balance) are formed from the
+  layout selected by `config.group_by`: "sequence" (runs of consecutive tokens of a sequence) or
+  "position" (the tokens at one position across the batch, which keeps expert choice and soft
+  MoE causal in a decoder).
 
   Args:
-    config: the `config.model.moe` ConfigDict (router, num_experts, top_k, capacity_factor,
-      group_size, expert_hidden_dim, num_shared_experts, loss weights, gmm_backend).
+    config: the `config.model.moe` ConfigDict (see configs/default.py for every field).
     d_model: D.
     rngs: parameter initialisation RNGs.
     activation, dtype, param_dtype: as for `MLP`.
@@ -61,7 +77,14 @@ class MoELayer(nnx.Module):
     self.num_experts = config.num_experts
     self.top_k = config.top_k
     self.dtype = dtype
-    self.router = routing.Router(d_model, config.num_experts, rngs=rngs, param_dtype=param_dtype)
+    self.is_soft = config.router == "soft"
+    num_outputs = routing.num_router_outputs(config)
+    if self.is_soft:
+      self.router = SoftRouter(d_model, config.num_experts, soft_slots_per_expert(config),
+                               rngs=rngs, normalize=config.get("soft_normalize", True),
+                               param_dtype=param_dtype)
+    else:
+      self.router = routing.Router(d_model, num_outputs, rngs=rngs, param_dtype=param_dtype)
     self.experts = Experts(config.num_experts, d_model, config.expert_hidden_dim,
                            activation=activation, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                            gmm_backend=config.get("gmm_backend", "auto"))
@@ -69,82 +92,242 @@ class MoELayer(nnx.Module):
     self.shared_experts = (MLP(d_model, num_shared * config.expert_hidden_dim, rngs=rngs,
                                activation=activation, dtype=dtype, param_dtype=param_dtype)
                            if num_shared > 0 else None)
+    self.zero_experts = (ZeroComputationExperts(config, d_model, rngs=rngs,
+                                                param_dtype=param_dtype)
+                         if routing.num_extra_experts(config) else None)
+    self.bias_update_rate = config.get("bias_update_rate", 0.0) or 0.0
+    self.selection_bias = (router_state.RouterState(jnp.zeros((num_outputs,), jnp.float32))
+                           if self.bias_update_rate > 0 else None)
+    self.l1_coefficient = (router_state.RouterState(
+        jnp.asarray(config.get("relu_l1_initial", 1e-8), jnp.float32))
+                           if config.router == "relu" else None)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    batch, seq, d_model = x.shape
-    tokens = x.reshape(batch * seq, d_model)
-    valid = (jnp.ones((batch * seq,), bool) if mask is None else mask.reshape(-1).astype(bool))
-    decision = routing.route(self.config, self.router(tokens), valid)
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """x [B, S, D], mask [B, S] -> (y [B, S, D], aux).
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if expert_parallel.expert_axis_size(mesh) > 1:
-      y, dropped_fraction = self._expert_parallel(tokens, decision, seq, mesh)
-    elif self.config.capacity_factor is None:
-      y, dropped_fraction = self._dropless(tokens, decision), jnp.zeros((), jnp.float32)
+    Args:
+      train: update router state (loss-free bias, L1 coefficient) from this batch's routing.
+      rng: PRNG key for training-time routing noise (jitter, noisy top-k, random routing); None
+        means no noise.
+    """
+    by_position = self.config.get("group_by", "sequence") == "position"
+    if by_position:  # groups = the tokens at one position across the batch
+      x = x.transpose(1, 0, 2)
+      mask = None if mask is None else mask.T
+    rows, seq, d_model = x.shape
+    tokens = x.reshape(rows * seq, d_model)
+    valid = (jnp.ones((rows * seq,), bool) if mask is None else mask.reshape(-1).astype(bool))
+    group_size = self.config.get("group_size", 0) or seq
+    if self.is_soft:
+      y, aux = self._soft(tokens, valid, group_size)
     else:
-      y, dropped_fraction = self._with_capacity(tokens, decision, seq)
-    y = y.reshape(batch, seq, d_model)
+      # Each token's sequence (batch row), for micro-batch balance statistics.
+      token_id = jnp.arange(rows * seq)
+      batch_row = token_id % seq if by_position else token_id // seq
+      y, aux = self._sparse(tokens, valid, group_size, batch_row, seq if by_position else rows,
+                            train=train, rng=rng)
+    y = y.reshape(rows, seq, d_model)
     if self.shared_experts is not None:
       shared = self.shared_experts(x).astype(jnp.float32)
-      y = y + shared * valid.reshape(batch, seq, 1)  # padding gets no output from any expert
+      y = y + shared * valid.reshape(rows, seq, 1)  # padding gets no output from any expert
+    if by_position:
+      y = y.transpose(1, 0, 2)
+    return y.astype(x.dtype), aux
 
-    balance = losses.switch_load_balance_loss(decision)
+  # ------------------------------------------------------------------------------ sparse routers
+
+  def route(self, tokens: jax.Array, valid: jax.Array, group_size: int, *,
+            rng: jax.Array | None = None) -> routing.RoutingDecision:
+    """Router logits and the routing decision for tokens [T, D] (no state update)."""
+    if rng is not None and self.config.get("router_jitter", 0.0):
+      # Switch Transformer's jitter: multiplicative uniform noise on the router input.
+      eps = self.config.router_jitter
+      rng, jitter_rng = jax.random.split(rng)
+      tokens = tokens * jax.random.uniform(jitter_rng, tokens.shape, jnp.float32, 1 - eps,
+                                           1 + eps).astype(tokens.dtype)
+    bias = None if self.selection_bias is None else self.selection_bias[...]
+    decision = routing.route(self.config, self.router(tokens), valid, rng=rng,
+                             selection_bias=bias, group_size=group_size)
+    if self.config.get("num_null_experts", 0) and self.config.get("normalize_top_k", True):
+      # AdaMoE: null experts only make room; the kept FFN experts' weights sum to one again
+      # (times DeepSeek-V3's routed scaling, which the renormalisation would otherwise undo).
+      decision = decision.replace(combine_weight=renormalize_over_ffn_experts(
+          decision.expert_index, decision.combine_weight, self.num_experts)
+                                  * self.config.get("routed_scaling_factor", 1.0))
+    return decision
+
+  def ffn_assignments(self, decision: routing.RoutingDecision) -> tuple[jax.Array, jax.Array]:
+    """(expert_index, combine_weight) [T, K] restricted to FFN experts (others -> sentinel E)."""
+    is_ffn = decision.expert_index < self.num_experts
+    return (jnp.where(is_ffn, decision.expert_index, self.num_experts),
+            jnp.where(is_ffn, decision.combine_weight, 0.0))
+
+  def dropless_output(self, tokens: jax.Array, decision: routing.RoutingDecision) -> jax.Array:
+    """Routed-expert output [T, D] float32 with dropless dispatch (no shared experts)."""
+    index, weight = self.ffn_assignments(decision)
+    plan = dispatch.dropless_plan(index, self.num_experts)
+    x_sorted = dispatch.dropless_dispatch(tokens, plan, index.shape[-1])
+    y_sorted = self.experts.grouped(x_sorted, plan.group_sizes)
+    y = dispatch.dropless_combine(y_sorted, plan, weight)
+    if self.zero_experts is not None:
+      y = y + self.zero_experts(tokens, decision.expert_index, decision.combine_weight)
+    return y
+
+  def _capacity(self, group_size: int) -> int:
+    if self.config.router == "expert_choice":
+      return routing.expert_choice_capacity(self.config, group_size)
+    return dispatch.expert_capacity(group_size, self.num_experts, self.top_k,
+                                    self.config.capacity_factor)
+
+  def _sparse(self, tokens, valid, group_size, batch_row, num_batch_rows, *, train, rng):
+    decision = self.route(tokens, valid, group_size, rng=rng)
+    index, weight = self.ffn_assignments(decision)
+    mesh = jax.sharding.get_abstract_mesh()
+    if self.config.capacity_factor is None:
+      dropped = jnp.zeros((), jnp.float32)
+      if expert_parallel.expert_axis_size(mesh) > 1:
+        y = self._expert_parallel(tokens, index, weight, group_size, mesh)[0]
+      else:
+        plan = dispatch.dropless_plan(index, self.num_experts)
+        x_sorted = dispatch.dropless_dispatch(tokens, plan, index.shape[-1])
+        y = dispatch.dropless_combine(self.experts.grouped(x_sorted, plan.group_sizes), plan,
+                                      weight)
+    else:
+      if tokens.shape[0] % group_size:
+        raise ValueError(f"config.model.moe.group_size={group_size} must divide the number of "
+                         f"tokens in the batch ({tokens.shape[0]}).")
+      priority = (jnp.max(decision.router_probs, axis=-1)
+                  if self.config.get("capacity_priority", "position") == "score" else None)
+      if expert_parallel.expert_axis_size(mesh) > 1:
+        y, kept = self._expert_parallel(tokens, index, weight, group_size, mesh, priority)
+      else:
+        y, kept = self._with_capacity(tokens, index, weight, group_size, priority)
+      assigned = jnp.sum(index < self.num_experts)
+      dropped = (1.0 - jnp.sum(kept) / jnp.maximum(assigned, 1)).astype(jnp.float32)
+    if self.zero_experts is not None:
+      y = y + self.zero_experts(tokens, decision.expert_index, decision.combine_weight)
+    aux = self._sparse_aux(decision, dropped, batch_row, num_batch_rows)
+    if train:
+      self._update_router_state(decision)
+    return y, aux
+
+  def _sparse_aux(self, decision, dropped, batch_row, num_batch_rows) -> dict:
+    """Weighted auxiliary loss and metrics; `batch_row` [T] is each token's sequence."""
+    config = self.config
+    if config.get("balance_scope", "global") == "micro_batch":
+      per_micro = config.get("balance_micro_batch_size", 1)
+      balance = losses.switch_load_balance_loss(decision, batch_row // per_micro,
+                                                -(-num_batch_rows // per_micro))
+    else:
+      balance = losses.switch_load_balance_loss(decision)
     z_loss = losses.router_z_loss(decision)
+    entropy = losses.router_entropy(decision)
+    total = config.load_balance_loss_weight * balance + config.router_z_loss_weight * z_loss
     aux = {
-        "loss": (self.config.load_balance_loss_weight * balance
-                 + self.config.router_z_loss_weight * z_loss),
         "load_balance_loss": balance,
         "router_z_loss": z_loss,
         "expert_load": losses.expert_load(decision),
-        "dropped_fraction": dropped_fraction,
-        "router_entropy": losses.router_entropy(decision),
+        "dropped_fraction": dropped,
+        "router_entropy": entropy,
+        "experts_per_token": losses.experts_per_token(decision, self.num_experts),
     }
-    return y.astype(x.dtype), aux
+    if config.get("importance_loss_weight", 0.0):
+      aux["importance_loss"] = losses.importance_loss(decision)
+      total = total + config.importance_loss_weight * aux["importance_loss"]
+    if config.get("noisy_load_loss_weight", 0.0):
+      aux["noisy_load_loss"] = losses.noisy_load_loss(decision, config.router_noise_std,
+                                                      self.top_k)
+      total = total + config.noisy_load_loss_weight * aux["noisy_load_loss"]
+    if config.router == "top_p":
+      total = total + config.get("top_p_loss_weight", 0.0) * entropy
+    if self.l1_coefficient is not None:
+      aux["relu_l1_loss"] = losses.relu_l1_loss(decision, self.top_k)
+      aux["gate_sparsity"] = losses.gate_sparsity(decision)
+      aux["l1_coefficient"] = self.l1_coefficient[...]
+      total = total + jax.lax.stop_gradient(self.l1_coefficient[...]) * aux["relu_l1_loss"]
+    aux["loss"] = total
+    return aux
 
-  def _dropless(self, tokens: jax.Array, decision: routing.RoutingDecision) -> jax.Array:
-    """Sort by expert, grouped matmul, unsort and combine: [T, D] -> [T, D] float32."""
-    plan = dispatch.dropless_plan(decision.expert_index, self.num_experts)
-    x_sorted = dispatch.dropless_dispatch(tokens, plan, self.top_k)
-    y_sorted = self.experts.grouped(x_sorted, plan.group_sizes)
-    return dispatch.dropless_combine(y_sorted, plan, decision.combine_weight)
+  def _update_router_state(self, decision: routing.RoutingDecision) -> None:
+    """Rule-based updates after routing this (global) batch; outside the gradient."""
+    if self.selection_bias is not None:
+      self.selection_bias[...] = router_state.loss_free_bias_update(
+          self.selection_bias[...], losses.expert_counts(decision), self.bias_update_rate)
+    if self.l1_coefficient is not None:
+      target = self.config.get("relu_target_sparsity", 0.0) or 1.0 - self.top_k / self.num_experts
+      self.l1_coefficient[...] = router_state.l1_coefficient_update(
+          self.l1_coefficient[...], losses.gate_sparsity(decision), target,
+          self.config.get("relu_l1_update_factor", 1.2))
 
-  def _expert_parallel(self, tokens: jax.Array, decision: routing.RoutingDecision, seq_len: int,
-                       mesh) -> tuple[jax.Array, jax.Array]:
+  def _expert_parallel(self, tokens, index, weight, group_size, mesh, priority=None):
     """The same computation with experts sharded over the mesh's `expert` axis (shard_map)."""
     experts = self.experts
     common = dict(mesh=mesh, exchange=self.config.get("ep_exchange", "all_to_all"),
                   activation=experts.activation, dtype=experts.dtype)
     if self.config.capacity_factor is None:
-      y = expert_parallel.dropless(tokens, decision, experts.weights(),
+      y = expert_parallel.dropless(tokens, index, weight, experts.weights(),
                                    backend=experts.gmm_backend, **common)
-      return y, jnp.zeros((), jnp.float32)
-    group_size = self.config.get("group_size", 0) or seq_len
-    capacity = dispatch.expert_capacity(group_size, self.num_experts, self.top_k,
-                                        self.config.capacity_factor)
-    y, kept = expert_parallel.with_capacity(tokens, decision, experts.weights(),
-                                            group_size=group_size, capacity=capacity, **common)
-    assigned = jnp.sum(decision.expert_index < self.num_experts)
-    return y, (1.0 - jnp.sum(kept) / jnp.maximum(assigned, 1)).astype(jnp.float32)
+      return y, None
+    return expert_parallel.with_capacity(tokens, index, weight, experts.weights(),
+                                         group_size=group_size,
+                                         capacity=self._capacity(group_size),
+                                         priority=priority, **common)
 
-  def _with_capacity(self, tokens: jax.Array, decision: routing.RoutingDecision,
-                     seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """Capacity buffers per group, batched expert matmul, combine: returns ([T, D], dropped)."""
+  def _with_capacity(self, tokens, index, weight, group_size, priority):
+    """Capacity buffers per group, batched expert matmul, combine: returns ([T, D], kept [T, K])."""
     num_tokens, d_model = tokens.shape
-    group_size = self.config.get("group_size", 0) or seq_len
-    if num_tokens % group_size:
-      raise ValueError(f"config.model.moe.group_size={group_size} must divide the number of tokens "
-                       f"in the batch ({num_tokens}).")
     groups = num_tokens // group_size
-    capacity = dispatch.expert_capacity(group_size, self.num_experts, self.top_k,
-                                        self.config.capacity_factor)
-    expert_index = decision.expert_index.reshape(groups, group_size, self.top_k)
-    weight = decision.combine_weight.reshape(groups, group_size, self.top_k)
-    plan = dispatch.capacity_plan(expert_index, self.num_experts, capacity)
+    capacity = self._capacity(group_size)
+    slots = index.shape[-1]
+    expert_index = index.reshape(groups, group_size, slots)
+    plan = dispatch.capacity_plan(expert_index, self.num_experts, capacity,
+                                  None if priority is None else priority.reshape(groups, -1))
     buffers = dispatch.capacity_dispatch(tokens.reshape(groups, group_size, d_model), expert_index,
                                          plan, self.num_experts)
     y_buffers = self.experts.batched(buffers.reshape(self.num_experts, groups * capacity, d_model))
     y_buffers = y_buffers.reshape(self.num_experts, groups, capacity, d_model)
-    y = dispatch.capacity_combine(y_buffers, expert_index, weight, plan)
-    assigned = jnp.sum(expert_index < self.num_experts)
-    dropped = 1.0 - jnp.sum(plan.kept) / jnp.maximum(assigned, 1)
-    return y.reshape(num_tokens, d_model), dropped.astype(jnp.float32)
+    y = dispatch.capacity_combine(y_buffers, expert_index, weight.reshape(groups, group_size, slots),
+                                  plan)
+    return y.reshape(num_tokens, d_model), plan.kept.reshape(num_tokens, slots)
+
+  # ------------------------------------------------------------------------------------ soft MoE
+
+  def _soft(self, tokens, valid, group_size):
+    """Soft MoE (Puigcerver et al. 2023): slots = D^T X per group, experts on slots, Y = C Y~."""
+    num_tokens, d_model = tokens.shape
+    if num_tokens % group_size:
+      raise ValueError(f"config.model.moe.group_size={group_size} must divide the number of "
+                       f"tokens in the batch ({num_tokens}).")
+    groups = num_tokens // group_size
+    x = tokens.reshape(groups, group_size, d_model)
+    group_valid = valid.reshape(groups, group_size)
+    dispatch_w, combine_w = self.router(x, group_valid)  # [G, N, E * P]
+    slots_in = jnp.einsum("gns,gnd->gsd", dispatch_w, x.astype(jnp.float32))
+    per_expert = slots_in.shape[1] // self.num_experts
+    slots_in = slots_in.reshape(groups, self.num_experts, per_expert, d_model)
+    slots_in = slots_in.transpose(1, 0, 2, 3).reshape(self.num_experts, groups * per_expert, d_model)
+    # Under a mesh the expert axis of the weights shards this batched matmul (no shard_map needed).
+    slots_out = batched_ffn(slots_in, self.experts.weights(), activation=self.experts.activation,
+                            dtype=self.dtype)
+    slots_out = slots_out.reshape(self.num_experts, groups, per_expert, d_model).transpose(1, 0, 2, 3)
+    y = jnp.einsum("gns,gsd->gnd", combine_w, slots_out.reshape(groups, -1, d_model))
+    uniform = jnp.full((self.num_experts,), 1.0 / self.num_experts, jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
+    aux = {"loss": zero, "load_balance_loss": zero, "router_z_loss": zero, "expert_load": uniform,
+           "dropped_fraction": zero, "router_entropy": zero,
+           # FFN passes per token, the FLOP-equivalent of experts per token.
+           "experts_per_token": jnp.asarray(self.num_experts * per_expert / group_size, jnp.float32)}
+    return y.reshape(num_tokens, d_model), aux
+
+
+def soft_slots_per_expert(config) -> int:
+  """Soft MoE slots per expert (`config.soft_slots_per_expert`, > 0).
+
+  Equal FLOPs to top-K token choice on groups of N tokens: ceil(K * N / E) slots per expert.
+  """
+  slots = config.get("soft_slots_per_expert", 0) or 0
+  if slots <= 0:
+    raise ValueError("config.model.moe.soft_slots_per_expert must be > 0 for router='soft' "
+                     "(ceil(top_k * group tokens / num_experts) matches top-k FLOPs).")
+  return slots

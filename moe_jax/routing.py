@@ -1,78 +1,34 @@
 """Routers: router logits -> a routing decision (which experts, with what weight).
 
-A sparse routing decision is in *index form* ("Routers in Vision Mixture of Experts", 2024): for each of
-the T tokens, K (expert, weight) pairs. It never materialises a T x E x C tensor; slots inside capacity
-buffers are assigned later by the dispatch (`dispatch.capacity_plan`), so one decision works with the
-dropless and the capacity dispatch alike.
+`route(config, logits, valid, ...)` applies the router named by `config.router` (a
+`config.model.moe` ConfigDict) and returns an index-form `RoutingDecision` (see
+`moe_jax.routers.decision`). Soft MoE returns dense weights instead and is applied by the layer
+(`moe_jax.routers.soft`). Routers:
 
-An assignment whose expert index equals `num_experts` is "unassigned" (a padding token, for instance):
-it is routed nowhere, counts toward no load, takes no capacity and has zero combine weight.
+  token_choice   top-k of softmax or sigmoid scores; optional noisy top-k, group-limited routing,
+                 auxiliary-loss-free selection bias, routed scaling (`routers/token_choice.py`)
+  expert_choice  each expert takes its top-C tokens per group (`routers/expert_choice.py`)
+  top_p          experts until cumulative probability >= p (`routers/dynamic.py`)
+  relu           ReLU gates, sparsity by an adaptive L1 penalty (`routers/dynamic.py`)
+  random         K uniform random experts per token, ignoring the router
+  soft           Soft MoE slots (`routers/soft.py`; dense weights, applied in `moe.py`)
 """
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import sharding
+from moe_jax.routers.decision import RoutingDecision, unassign  # noqa: F401  (public names)
+from moe_jax.routers.dynamic import relu_routing, top_p
+from moe_jax.routers.expert_choice import expert_choice
+from moe_jax.routers.token_choice import SCORE_FUNCTIONS, random_top_k, token_choice_top_k  # noqa: F401
 
-ROUTERS = ("token_choice",)
-
-
-@flax.struct.dataclass
-class RoutingDecision:
-  """Index-form routing decision for T tokens, E experts and K choices per token.
-
-  Attributes:
-    expert_index: [T, K] int32 in [0, E]; E marks an unassigned choice.
-    combine_weight: [T, K] float32 weight of each choice in the output (0 when unassigned).
-    router_probs: [T, E] float32 router probabilities (for losses and metrics).
-    router_logits: [T, E] float32 router logits (for the z-loss).
-    valid: [T] bool, False for padding tokens.
-  """
-  expert_index: jax.Array
-  combine_weight: jax.Array
-  router_probs: jax.Array
-  router_logits: jax.Array
-  valid: jax.Array
-
-  @property
-  def num_experts(self) -> int:
-    return self.router_probs.shape[-1]
-
-
-def token_choice_top_k(logits: jax.Array, top_k: int, *, valid: jax.Array | None = None,
-                       normalize: bool = True) -> RoutingDecision:
-  """Each token picks its K most probable experts (Shazeer et al. 2017; GShard 2020; Switch 2021).
-
-  probs = softmax(logits) in float32, taken *before* the top-k so that even K=1 gives the router a
-  gradient (Switch Transformer, eq. 1-2). Ties go to the lower expert index (`lax.top_k` is stable), so
-  recomputation under remat routes identically. With `normalize` and K > 1, the K weights are
-  renormalised to sum to one (Mixtral, 2024); otherwise they are the raw probabilities
-  (Switch/GShard). At K = 1 renormalising would make every weight 1 and cut the router off from the
-  task gradient, so K = 1 always keeps the raw probability, as in Switch Transformer.
-
-  Args:
-    logits: [T, E] router logits (cast to float32 here).
-    top_k: K, 1 <= K <= E.
-    valid: [T] bool; False tokens are unassigned. Default: all valid.
-    normalize: renormalise the selected probabilities (ignored at K = 1).
-  """
-  logits = logits.astype(jnp.float32)
-  num_tokens, num_experts = logits.shape
-  if not 1 <= top_k <= num_experts:
-    raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}.")
-  if valid is None:
-    valid = jnp.ones((num_tokens,), dtype=bool)
-  probs = jax.nn.softmax(logits, axis=-1)
-  top_probs, top_index = jax.lax.top_k(probs, top_k)
-  if normalize and top_k > 1:
-    top_probs = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-  top_index = jnp.where(valid[:, None], top_index, num_experts).astype(jnp.int32)
-  top_probs = jnp.where(valid[:, None], top_probs, 0.0)
-  return RoutingDecision(expert_index=top_index, combine_weight=top_probs, router_probs=probs,
-                         router_logits=logits, valid=valid)
+ROUTERS = ("token_choice", "expert_choice", "soft", "top_p", "relu", "random")
+SPARSE_ROUTERS = tuple(r for r in ROUTERS if r != "soft")
+#: Routers whose decision depends on other tokens of the group (not causal with sequence groups).
+GROUP_ROUTERS = ("expert_choice", "soft")
 
 
 class Router(nnx.Module):
@@ -87,9 +43,66 @@ class Router(nnx.Module):
     return jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
 
 
-def route(config, logits: jax.Array, valid: jax.Array) -> RoutingDecision:
-  """Applies the router named by `config.router` (a `config.model.moe` ConfigDict)."""
-  if config.router == "token_choice":
-    return token_choice_top_k(logits, config.top_k, valid=valid,
-                              normalize=config.get("normalize_top_k", True))
-  raise ValueError(f"config.model.moe.router={config.router!r} is not one of {ROUTERS}.")
+def num_extra_experts(config) -> int:
+  """Zero-computation (MoE++) and null (AdaMoE) experts beside the FFN experts."""
+  return sum(config.get(name, 0) or 0 for name in
+             ("num_zero_experts", "num_copy_experts", "num_constant_experts", "num_null_experts"))
+
+
+def num_router_outputs(config) -> int:
+  """E' = FFN experts + zero-computation and null experts: the router's logits per token."""
+  return config.num_experts + num_extra_experts(config)
+
+
+def expert_choice_capacity(config, group_size: int) -> int:
+  """C = ceil(capacity_factor * N / E) tokens per expert and group (Zhou et al. 2022)."""
+  from moe_jax import dispatch  # leaf module; imported here to keep routing free of dispatch
+  return min(group_size, dispatch.expert_capacity(group_size, config.num_experts, 1,
+                                                  config.capacity_factor))
+
+
+def add_logit_noise(logits: jax.Array, std: float, rng: jax.Array) -> jax.Array:
+  """Noisy top-k logits: logits + std * N(0, 1) (Shazeer et al. 2017 eq. 4 with a fixed std, as in
+  V-MoE, Riquelme et al. 2021, which uses std = 1/E)."""
+  return logits + std * jax.random.normal(rng, logits.shape, logits.dtype)
+
+
+def route(config, logits: jax.Array, valid: jax.Array, *, rng: jax.Array | None = None,
+          selection_bias: jax.Array | None = None, group_size: int | None = None
+          ) -> RoutingDecision:
+  """Applies the sparse router named by `config.router`.
+
+  Args:
+    config: the `config.model.moe` ConfigDict.
+    logits: [T, E'] router logits (E' = `num_router_outputs(config)`).
+    valid: [T] bool, False for padding.
+    rng: PRNG key for training-time randomness (noisy top-k, random routing); None = no noise
+      (evaluation); random routing then uses a fixed key.
+    selection_bias: [E'] auxiliary-loss-free bias (token choice only), or None.
+    group_size: tokens per group (expert choice).
+  """
+  router = config.router
+  top_k = config.top_k
+  if router == "token_choice":
+    noise_std = config.get("router_noise_std", 0.0) or 0.0
+    noisy = add_logit_noise(logits.astype(jnp.float32), noise_std, rng) if (
+        noise_std > 0 and rng is not None) else None
+    return token_choice_top_k(
+        logits, top_k, valid=valid, normalize=config.get("normalize_top_k", True),
+        score_function=config.get("score_function", "softmax"), selection_bias=selection_bias,
+        num_groups=config.get("num_expert_groups", 1) or 1,
+        top_k_groups=config.get("top_k_groups", 1) or 1,
+        scaling=config.get("routed_scaling_factor", 1.0), noisy_logits=noisy)
+  if router == "expert_choice":
+    return expert_choice(logits, expert_choice_capacity(config, group_size), group_size,
+                         valid=valid)
+  if router == "top_p":
+    return top_p(logits, config.top_p_threshold, max_experts=config.get("max_experts_per_token")
+                 or None, valid=valid)
+  if router == "relu":
+    return relu_routing(logits, valid=valid)
+  if router == "random":
+    key = rng if rng is not None else jax.random.key(0)
+    return random_top_k(key, logits.shape[0], logits.shape[1], top_k, valid=valid, logits=logits)
+  raise ValueError(f"config.model.moe.router={router!r} is not a sparse router; allowed: "
+                   f"{SPARSE_ROUTERS} (and 'soft', applied by the MoE layer).")

@@ -34,11 +34,13 @@ from moe_jax import checkpoint, data, sharding, train  # noqa: E402
 
 
 class LoadedModel(NamedTuple):
-  """A model restored from a workdir: `nnx.merge(graphdef, params)` is the Transformer."""
+  """A model restored from a workdir: `nnx.merge(graphdef, params, router_state)` is the
+  Transformer (router_state is {} for routers without rule-updated state)."""
   config: ml_collections.ConfigDict
   graphdef: nnx.GraphDef
   params: dict
   step: int
+  router_state: dict = {}
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -85,12 +87,16 @@ def load_params(workdir: str, step: int | None = None) -> LoadedModel:
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
     item = {"params": checkpoint.abstract_like(target)}
+    router_state = train.init_router_state(config, single_device_mesh())
+    if router_state:
+      item["router_state"] = checkpoint.abstract_like(router_state)
     restored = ckpt.manager.restore(step, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
   finally:
     ckpt.close()
-  return LoadedModel(config, graphdef, restored["params"], int(step))
+  return LoadedModel(config, graphdef, restored["params"], int(step),
+                     restored.get("router_state", {}))
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -136,7 +142,7 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: jax.Array |
 def _generate(params, prompt, rng, temperature, top_p, *, graphdef, max_new_tokens: int,
               greedy: bool, eos_id: int):
   """Prefill + sampling loop. prompt [B, P] -> (new tokens [B, max_new_tokens], count)."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, *params)  # (params, router_state)
   batch, prompt_len = prompt.shape
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
   logits, cache = model.decode(prompt, cache, 0)
@@ -178,6 +184,7 @@ def generate(model: LoadedModel | tuple, prompt_ids, *, max_new_tokens: int = 20
     eos_id: generation stops after this id (default EOS = 1).
   """
   config, graphdef, params = model[0], model[1], model[2]
+  router_state = model[4] if len(model) > 4 else {}
   check_sampling_args(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
   prompt = np.asarray(prompt_ids, np.int32).reshape(1, -1)
   if prompt.shape[1] == 0:
@@ -187,7 +194,7 @@ def generate(model: LoadedModel | tuple, prompt_ids, *, max_new_tokens: int = 20
   if prompt.shape[1] + max_new_tokens > max_len:
     raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
                      f"config.model.max_len={max_len}; shorten the prompt or lower max_new_tokens.")
-  out, count = _generate(params, jnp.asarray(prompt), jax.random.key(seed),
+  out, count = _generate((params, router_state), jnp.asarray(prompt), jax.random.key(seed),
                          jnp.float32(max(temperature, 1e-30)), jnp.float32(top_p),
                          graphdef=graphdef, max_new_tokens=max_new_tokens,
                          greedy=greedy or temperature == 0.0, eos_id=eos_id)

@@ -1,8 +1,10 @@
 """Training and evaluation: pure, jitted step functions over explicit shardings, and the loop.
 
-The model lives as (graphdef, params): `params` is a nested dict of arrays (nnx pure dict), merged
-back into the NNX module inside the step. The training state is a plain pytree
-{"step", "params", "opt_state"} that orbax saves and restores. Batch number s is a pure function of
+The model lives as (graphdef, params[, router_state]): nested dicts of arrays (nnx pure dicts),
+merged back into the NNX module inside the step. `router_state` holds the rule-updated router
+variables (auxiliary-loss-free bias, ReMoE's L1 coefficient; `moe_jax.router_state`), which the
+optimizer never sees; models without them have none. The training state is a plain pytree
+{"step", "params", "opt_state"[, "router_state"]} that orbax saves and restores. Batch number s is a pure function of
 s (see `data.TokenDataset.train_batch`), so a resumed run sees exactly the batches it would have seen.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from flax import nnx
 
 from moe_jax import checkpoint, data, sharding
 from moe_jax.models.transformer import Transformer
+from moe_jax.router_state import RouterState
 from moe_jax.validation import validate_config
 
 State = dict[str, Any]
@@ -32,14 +35,18 @@ State = dict[str, Any]
 
 
 def build_model(config, mesh):
-  """Returns (graphdef, params, param_shardings); params are initialised directly sharded."""
+  """Returns (graphdef, params, param_shardings); params are initialised directly sharded.
+
+  `nnx.merge(graphdef, params, router_state)` is the model, with `router_state` from
+  `init_router_state` (an empty dict, which may be left out, for routers without state).
+  """
   seed = config.seed
 
   def create():
     return Transformer(config.model, rngs=nnx.Rngs(params=seed))
 
   abstract = nnx.eval_shape(create)
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, RouterState)
   shardings = sharding.state_shardings(mesh, abstract_params)
 
   @functools.partial(jax.jit, out_shardings=shardings)
@@ -47,6 +54,25 @@ def build_model(config, mesh):
     return nnx.to_pure_dict(nnx.state(create(), nnx.Param))
 
   return graphdef, init(), shardings
+
+
+def init_router_state(config, mesh) -> dict:
+  """The initial rule-updated router variables (pure dict, replicated); {} when there are none."""
+  model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(params=config.seed)))
+  if not jax.tree.leaves(nnx.state(model, RouterState)):
+    return {}
+
+  @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+  def init():
+    fresh = Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
+    return nnx.to_pure_dict(nnx.state(fresh, RouterState))
+
+  return init()
+
+
+def routing_key(seed: int, step: jax.Array) -> jax.Array:
+  """The PRNG key of a training step's routing noise (a pure function of seed and step)."""
+  return jax.random.fold_in(jax.random.key(seed ^ 0x5EED), step)
 
 
 def count_params(params) -> int:
@@ -79,30 +105,43 @@ def optimizer_shardings(tx, params, param_shardings, mesh):
 # ------------------------------------------------------------------------------------- the steps
 
 
-def loss_fn(params, batch, graphdef) -> tuple[jax.Array, tuple[jax.Array, dict]]:
-  """Token-weighted mean cross-entropy plus the MoE auxiliary loss; returns (total, (ce, aux))."""
-  model = nnx.merge(graphdef, params)
-  logits, aux = model(batch["inputs"])
+def loss_fn(params, batch, graphdef, router_state=None, *, train: bool = False,
+            rng: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+  """Token-weighted mean cross-entropy plus the MoE auxiliary loss; returns (total, (ce, aux)).
+
+  With `train`, the MoE layers update their router state and `aux["router_state"]` holds the new
+  values (when the model has any); `rng` drives the training-time routing noise.
+  """
+  model = nnx.merge(graphdef, params, router_state or {})
+  logits, aux = model(batch["inputs"], train=train, rng=rng)
+  if train and router_state:
+    aux = dict(aux, router_state=nnx.to_pure_dict(nnx.state(model, RouterState)))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   weights = batch["weights"]
   ce_loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   return ce_loss + aux["loss"], (ce_loss, aux)
 
 
-def train_step(state: State, batch: dict, *, graphdef, tx) -> tuple[State, dict]:
+def train_step(state: State, batch: dict, *, graphdef, tx, seed: int = 0) -> tuple[State, dict]:
   """One optimiser step. Pure: (state, batch) -> (new state, metrics)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (total, (ce_loss, aux)), grads = grad_fn(state["params"], batch, graphdef)
+  (total, (ce_loss, aux)), grads = grad_fn(
+      state["params"], batch, graphdef, state.get("router_state"), train=True,
+      rng=routing_key(seed, state["step"]))
+  new_router_state = aux.pop("router_state", None)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": ce_loss, "total_loss": total, "grad_norm": optax.tree.norm(grads)}
   metrics.update({f"aux/{name}": value for name, value in aux.items()})
-  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  if new_router_state is not None:
+    new_state["router_state"] = jax.lax.stop_gradient(new_router_state)
+  return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, graphdef) -> dict:
+def eval_step(params, batch: dict, *, graphdef, router_state=None) -> dict:
   """Summed token cross-entropy and token count of one batch (summed over batches by the caller)."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, router_state or {})
   logits, _ = model(batch["inputs"])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   return {"ce_sum": jnp.sum(ce * batch["weights"]), "weight_sum": jnp.sum(batch["weights"])}
@@ -153,14 +192,16 @@ def _device_batch(np_batch: dict, batch_sharding, global_batch: int) -> dict:
           for k, v in np_batch.items()}
 
 
-def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding) -> dict:
+def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding,
+             router_state=None) -> dict:
   """Validation loss (nats/token) and bits per byte over `config.data.eval_batches` batches."""
   ce_sum, weight_sum = 0.0, 0.0
   batch_size = config.data.batch_size
   rows = sharding.process_batch_rows(batch_sharding, batch_size)
   for np_batch in eval_dataset.eval_batches(batch_size, config.data.eval_batches):
     local = {k: v[rows] for k, v in np_batch.items()}
-    out = jax.device_get(eval_fn(params, _device_batch(local, batch_sharding, batch_size)))
+    extra = (router_state,) if router_state else ()
+    out = jax.device_get(eval_fn(params, _device_batch(local, batch_sharding, batch_size), *extra))
     ce_sum += float(out["ce_sum"])
     weight_sum += float(out["weight_sum"])
   loss = ce_sum / max(weight_sum, 1.0)
@@ -183,7 +224,10 @@ def train_and_evaluate(config, workdir: str, *,
       (tests use it to record losses and to simulate preemption).
 
   Returns:
-    {"step", "train/loss", "eval/loss", "eval/bits_per_byte", "preempted"}.
+    {"step", "train/loss", "eval/loss", "eval/bits_per_byte", "preempted", "eval_history" (a list of
+    (step, eval loss, bits per byte) for every evaluation of this call), "train/tokens_per_s" (mean
+    over the steps of this call after the first, which includes compilation; absent when fewer
+    than two steps ran)}.
   """
   validate_config(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -192,17 +236,18 @@ def train_and_evaluate(config, workdir: str, *,
   eval_data = data.load_dataset(config.data, "validation")
   # Built outside the mesh context: under a mesh, nnx.eval_shape reads logical names as mesh axes.
   graphdef, params, param_shardings = build_model(config, mesh)
+  router_state = init_router_state(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     write_config(config, workdir)
   # The mesh in context lets layers with manual collectives (expert parallelism) find their axes.
   with jax.set_mesh(mesh):
     return _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params,
-                       param_shardings, step_callback)
+                       param_shardings, router_state, step_callback)
 
 
 def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, param_shardings,
-                step_callback) -> dict:
+                router_state, step_callback) -> dict:
   """The body of `train_and_evaluate`, run with `mesh` set."""
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
   logging.info("Data %s: %d train / %d validation sequences of %d tokens; train unigram entropy "
@@ -216,6 +261,8 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
                                                                mesh))(params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   state = {"step": step0, "params": params, "opt_state": opt_state}
+  if router_state:
+    state["router_state"] = router_state
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = sharding.batch_sharding(mesh)
   # Each process reads only the rows of every batch that its own devices hold.
@@ -227,22 +274,26 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
     state = ckpt.restore(latest, state)
     logging.info("restored step %d from %s", latest, os.path.join(ckpt.directory, str(latest)))
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, seed=config.seed),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                    in_shardings=(param_shardings, batch_sharding),
-                    out_shardings=sharding.replicated(mesh))
+  eval_shardings = (param_shardings, batch_sharding)
+  if router_state:
+    eval_shardings += (jax.tree.map(lambda _: sharding.replicated(mesh), router_state),)
+  eval_fn = jax.jit(lambda params, batch, *rest: eval_step(
+                        params, batch, graphdef=graphdef, router_state=rest[0] if rest else None),
+                    in_shardings=eval_shardings, out_shardings=sharding.replicated(mesh))
   writer = _summary_writer(workdir)
   total_steps = config.train.steps
   tokens_per_step = config.data.batch_size * config.data.seq_len
   step = int(jax.device_get(state["step"]))
-  result = {"step": step, "preempted": False}
+  result = {"step": step, "preempted": False, "eval_history": []}
   if step >= total_steps:
     logging.info("Checkpoint step %d >= train.steps=%d: nothing to train.", step, total_steps)
 
   first_step = step + 1  # its time includes compilation
   window_start, window_steps = time.perf_counter(), 0
+  steady_start, paused = None, 0.0  # throughput over the steps after the first (compilation)
   with checkpoint.PreemptionGuard() as guard:
     while step < total_steps:
       np_batch = train_data.train_batch(step, config.data.batch_size, config.seed, process_rows)
@@ -250,6 +301,9 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
                                                     config.data.batch_size))
       step += 1
       window_steps += 1
+      if step == first_step:
+        jax.block_until_ready(state)
+        steady_start = time.perf_counter()
       is_last = step == total_steps
       if step_callback is not None:
         step_callback(step, jax.device_get(metrics))
@@ -274,11 +328,14 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
       pause_start = time.perf_counter()
       if step % config.train.eval_every == 0 or is_last:
         eval_metrics = evaluate(state["params"], eval_data, config, eval_fn=eval_fn,
-                                batch_sharding=batch_sharding)
+                                batch_sharding=batch_sharding,
+                                router_state=state.get("router_state"))
         writer.write_scalars(step, eval_metrics)
         logging.info("step %d/%d eval loss %.4f (%.4f bits/byte)", step, total_steps,
                      eval_metrics["eval/loss"], eval_metrics["eval/bits_per_byte"])
         result.update(eval_metrics)
+        result["eval_history"].append((step, eval_metrics["eval/loss"],
+                                       eval_metrics["eval/bits_per_byte"]))
       if step % config.train.checkpoint_every == 0 or is_last or stop:
         ckpt.save(step, state)
         logging.info("saved checkpoint for step %d in %s", step, ckpt.directory)
@@ -289,6 +346,11 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
         break
       # Evaluation and checkpointing stay out of the training throughput.
       window_start += time.perf_counter() - pause_start
+      paused += time.perf_counter() - pause_start
+  if steady_start is not None and step > first_step:
+    jax.block_until_ready(state)
+    steady_time = time.perf_counter() - steady_start - paused
+    result["train/tokens_per_s"] = (step - first_step) * tokens_per_step / steady_time
   ckpt.close()
   writer.flush()
   result["step"] = step

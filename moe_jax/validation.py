@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from moe_jax import data, expert_parallel, routing, sharding
+from moe_jax import data, expert_parallel, losses, routing, sharding
 from moe_jax.experts import ACTIVATIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -85,6 +85,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
           lambda v: v in pallas_kernels.BACKENDS)
     check("model.moe.ep_exchange", f"one of {expert_parallel.EXCHANGES}",
           lambda v: v in expert_parallel.EXCHANGES)
+    _check_router_fields(problems, config, check)
     group_size = moe.get("group_size", 0)
     tokens = config.data.batch_size * config.data.seq_len
     if moe.get("capacity_factor") is not None and _positive_int(group_size) and tokens % group_size:
@@ -112,6 +113,85 @@ def validate_config(config, num_devices: int | None = None) -> None:
   _check_mesh(problems, config, num_devices)
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_router_fields(problems: list[str], config, check) -> None:
+  """The routing-method fields of config.model.moe (see configs/default.py); all optional."""
+  moe = config.model.moe
+  router = moe.get("router")
+  check_present = check
+
+  def check(path, allowed, predicate):  # a missing field takes its default in the code
+    if path.split(".")[-1] in moe:
+      check_present(path, allowed, predicate)
+
+  check("model.moe.group_by", "'sequence' or 'position'",
+        lambda v: v in ("sequence", "position"))
+  check("model.moe.capacity_priority", "'position' or 'score'",
+        lambda v: v in ("position", "score"))
+  check("model.moe.score_function", f"one of {routing.SCORE_FUNCTIONS}",
+        lambda v: v in routing.SCORE_FUNCTIONS)
+  check("model.moe.balance_scope", f"one of {losses.BALANCE_SCOPES}",
+        lambda v: v in losses.BALANCE_SCOPES)
+  check("model.moe.balance_micro_batch_size",
+        f"a positive integer dividing data.batch_size={config.data.get('batch_size')}",
+        lambda v: _positive_int(v) and config.data.batch_size % v == 0)
+  for name in ("bias_update_rate", "router_jitter", "router_noise_std", "top_p_loss_weight",
+               "importance_loss_weight", "noisy_load_loss_weight"):
+    check(f"model.moe.{name}", "a number >= 0", _nonnegative_number)
+  check("model.moe.router_jitter", "a number in [0, 1)", lambda v: v < 1)
+  check("model.moe.routed_scaling_factor", "a number > 0", lambda v: _number(v) and v > 0)
+  for name in ("num_zero_experts", "num_copy_experts", "num_constant_experts",
+               "num_null_experts"):
+    check(f"model.moe.{name}", "an integer >= 0", _nonnegative_int)
+  experts = moe.get("num_experts")
+  if _positive_int(experts):
+    check("model.moe.num_expert_groups", f"a positive integer dividing num_experts={experts}",
+          lambda v: _positive_int(v) and experts % v == 0)
+    groups = moe.get("num_expert_groups", 1)
+    if _positive_int(groups) and experts % groups == 0:
+      check("model.moe.top_k_groups", f"an integer in [1, num_expert_groups={groups}]",
+            lambda v: _positive_int(v) and v <= groups)
+      top_k_groups = moe.get("top_k_groups", 1)
+      if (groups > 1 and _positive_int(top_k_groups) and _positive_int(moe.get("top_k"))
+          and moe.top_k > top_k_groups * experts // groups):
+        problems.append(f"config.model.moe.top_k={moe.top_k} exceeds the experts in the top "
+                        f"{top_k_groups} of {groups} expert groups ({top_k_groups * experts // groups}).")
+  if router == "expert_choice" and moe.get("capacity_factor") is None:
+    problems.append("config.model.moe.capacity_factor=None is invalid for router='expert_choice'; "
+                    "allowed: a number > 0 (each expert takes capacity_factor * N / E tokens).")
+  if router == "top_p":
+    check("model.moe.top_p_threshold", "a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1)
+    check("model.moe.max_experts_per_token", f"an integer in [0, num_experts={experts}] (0 = E)",
+          lambda v: _nonnegative_int(v) and v <= experts)
+  if router == "relu":
+    check("model.moe.relu_target_sparsity", "a number in [0, 1) (0 = 1 - top_k / num_experts)",
+          lambda v: _number(v) and 0 <= v < 1)
+    check("model.moe.relu_l1_initial", "a number > 0", lambda v: _number(v) and v > 0)
+    check("model.moe.relu_l1_update_factor", "a number > 1", lambda v: _number(v) and v > 1)
+  if router == "soft":
+    check("model.moe.soft_slots_per_expert",
+          "a positive integer (ceil(top_k * group tokens / num_experts) matches top-k FLOPs)",
+          _positive_int)
+    if routing.num_extra_experts(moe):
+      problems.append("config.model.moe: zero-computation / null experts need a sparse router; "
+                      "router='soft' has none.")
+  zero_computation = sum(moe.get(f"num_{kind}_experts", 0) or 0
+                         for kind in ("zero", "copy", "constant"))
+  if moe.get("num_null_experts", 0) and zero_computation:
+    problems.append("config.model.moe: num_null_experts > 0 cannot be combined with zero, copy or "
+                    "constant experts (AdaMoE renormalises the weights over FFN experts only, "
+                    "which would silence the MoE++ experts); use one or the other.")
+  if moe.get("bias_update_rate", 0) and router != "token_choice":
+    problems.append(f"config.model.moe.bias_update_rate={moe.bias_update_rate} needs "
+                    f"router='token_choice' (got {router!r}): the bias steers top-k selection.")
+  if moe.get("noisy_load_loss_weight", 0) and not moe.get("router_noise_std", 0):
+    problems.append("config.model.moe.noisy_load_loss_weight > 0 needs router_noise_std > 0 "
+                    "(the load loss is defined by the selection noise).")
 
 
 def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:

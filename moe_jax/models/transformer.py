@@ -9,6 +9,7 @@ computes the logits of new tokens given a cache of the keys and values of all ea
 """
 from __future__ import annotations
 
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -129,19 +130,20 @@ class Attention(nnx.Module):
 def moe_decode_ffn(layer: MoELayer, x: jax.Array) -> jax.Array:
   """The MoE FFN for decoding, always dropless: x [B, S, D] -> [B, S, D].
 
-  Each new token is routed by the layer's own router (`routing.route`) and computed by its top-K
+  Each new token is routed by the layer's own router (`MoELayer.route`) and computed by its
   experts through the grouped matmul; nothing is dropped. For a model trained with capacity
   dispatch this is deliberate: capacity groups are defined over whole training sequences, which
   do not exist one token at a time, so decoding computes the model's drop-free function.
+  Expert choice and soft MoE route by comparing tokens of a group, which has no token-at-a-time
+  form, so they cannot decode.
   """
+  if layer.config.router in routing.GROUP_ROUTERS:
+    raise NotImplementedError(f"router={layer.config.router!r} routes whole groups of tokens and "
+                              "has no token-by-token decoding.")
   batch, seq, d_model = x.shape
   tokens = x.reshape(batch * seq, d_model)
-  decision = routing.route(layer.config, layer.router(tokens), jnp.ones((batch * seq,), bool))
-  plan = dispatch.dropless_plan(decision.expert_index, layer.num_experts)
-  y_sorted = layer.experts.grouped(dispatch.dropless_dispatch(tokens, plan, layer.top_k),
-                                   plan.group_sizes)
-  y = dispatch.dropless_combine(y_sorted, plan, decision.combine_weight)
-  y = y.reshape(batch, seq, d_model)
+  decision = layer.route(tokens, jnp.ones((batch * seq,), bool), seq)
+  y = layer.dropless_output(tokens, decision).reshape(batch, seq, d_model)
   if layer.shared_experts is not None:
     y = y + layer.shared_experts(x).astype(jnp.float32)
   return y.astype(x.dtype)
@@ -164,11 +166,11 @@ class Block(nnx.Module):
       self.ffn = MLP(config.d_model, config.mlp_dim, rngs=rngs, activation=config.activation,
                      dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x, positions, mask):
+  def __call__(self, x, positions, mask, rng=None, *, train: bool = False):
     x = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, aux = self.ffn(h, mask)
+      y, aux = self.ffn(h, mask, train=train, rng=rng)
     else:
       y, aux = self.ffn(h), None
     return x + y.astype(x.dtype), aux
@@ -183,16 +185,17 @@ class Block(nnx.Module):
     return x + y.astype(x.dtype), cache
 
 
-def _run_block(block: Block, x, positions, mask):
-  return block(x, positions, mask)
+def _run_block(block: Block, x, positions, mask, rng, train: bool):
+  return block(x, positions, mask, rng, train=train)
 
 
 class Transformer(nnx.Module):
   """Decoder-only LM: tokens [B, S] int -> (logits [B, S, V] float32, aux).
 
   aux["loss"] is the sum over MoE layers of their weighted auxiliary losses (0 for a dense model);
-  aux also holds, averaged over MoE layers, `load_balance_loss`, `router_z_loss`, `dropped_fraction`,
-  `router_entropy`, and per layer `layer{i}/expert_load` [E].
+  aux also holds, averaged over MoE layers, every scalar metric the layers share
+  (`load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy`,
+  `experts_per_token`, router-specific terms), and per layer `layer{i}/expert_load` [E'].
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
@@ -210,17 +213,26 @@ class Transformer(nnx.Module):
                                    ("embed", "vocab"))
       self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size),
                                     param_dtype))
-    self.run_block = nnx.remat(_run_block) if config.remat else _run_block
+    self.remat = config.remat
 
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               positions: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens [B, S] -> (logits [B, S, V], aux).
+
+    Args:
+      train: MoE layers update their router state (loss-free bias, ReMoE's L1 coefficient).
+      rng: PRNG key for training-time routing noise; None (evaluation) = no noise.
+    """
     batch, seq = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     x = self.embed(tokens)
     layer_aux = {}
+    run_block = nnx.remat(_run_block, static_argnums=(5,)) if self.remat else _run_block
     for i, block in enumerate(self.blocks):
-      x, aux = self.run_block(block, x, positions, mask)
+      block_rng = None if rng is None else jax.random.fold_in(rng, i)
+      x, aux = run_block(block, x, positions, mask, block_rng, train)
       if aux is not None:
         layer_aux[i] = aux
     return self._logits(x), summarize_aux(layer_aux)
@@ -271,7 +283,8 @@ def summarize_aux(layer_aux: dict[int, dict]) -> dict:
   if not layer_aux:
     return {"loss": jnp.zeros((), jnp.float32)}
   out = {"loss": sum(aux["loss"] for aux in layer_aux.values())}
-  for name in ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_entropy"):
+  names = set.intersection(*(set(aux) for aux in layer_aux.values()))
+  for name in sorted(names - {"loss", "expert_load"}):
     out[name] = sum(aux[name] for aux in layer_aux.values()) / len(layer_aux)
   for i, aux in layer_aux.items():
     out[f"layer{i}/expert_load"] = aux["expert_load"]
