@@ -152,6 +152,12 @@ def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
   """
   config = model.config
   moe_config = config.model.moe
+  if (moe_config.get("router", "token_choice") != "token_choice"
+      or moe_config.get("bias_update_rate", 0) or routing.num_extra_experts(moe_config)):
+    # The analysis recomputes top-k choices from the captured logits, which needs stateless
+    # token choice over FFN experts only.
+    raise ValueError("routing_stats analyses token-choice routing without a selection bias or "
+                     f"zero-computation/null experts; this run uses router={moe_config.router!r}.")
   moe_layers = [i for i in range(config.model.num_layers)
                 if is_moe_layer(i, config.model.moe_every)]
   if not moe_layers:

@@ -224,6 +224,11 @@ def test_zero_computation_and_null_experts_lower_the_ffn_experts_per_token():
   has_ffn = np.any(index < layer.num_experts, axis=-1)
   np.testing.assert_allclose(sums[has_ffn], 1.0, rtol=1e-6)
   assert np.all(weight[index >= layer.num_experts] == 0)
+  # ... and the routed scaling factor still applies after that renormalisation.
+  layer, x, _, decision = layer_and_decision("null", routed_scaling_factor=2.5)
+  index, weight = np.asarray(decision.expert_index), np.asarray(decision.combine_weight)
+  sums = np.sum(np.where(index < layer.num_experts, weight, 0.0), axis=-1)
+  np.testing.assert_allclose(sums[np.any(index < layer.num_experts, axis=-1)], 2.5, rtol=1e-6)
 
 
 def test_micro_batch_balance_equals_global_with_one_micro_batch():
@@ -390,6 +395,10 @@ def test_router_config_errors_name_the_field():
   config = tiny_router_config("deepseek_v3")
   config.model.moe.num_expert_groups = 3
   with pytest.raises(ConfigError, match="num_expert_groups=3 is invalid"):
+    validate_config(config, num_devices=1)
+  config = tiny_router_config("null")
+  config.model.moe.num_copy_experts = 1
+  with pytest.raises(ConfigError, match="num_null_experts > 0 cannot be combined"):
     validate_config(config, num_devices=1)
   with pytest.raises(ValueError, match="Unknown router variant 'nope'"):
     routers.get_config("nope")
