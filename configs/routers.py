@@ -27,7 +27,8 @@ Variants:
   fine_grained           DeepSeekMoE segmentation m = 4: 32 experts of hidden 64, top-8
   shared                 m = 4 segmentation with 1 shared expert: 32 routed of hidden 64, top-7
   moe_plus_plus          MoE++: 8 FFN + 1 zero, 1 copy, 2 constant experts, top-2 (<= top-2 FLOPs)
-  null                   AdaMoE: 8 FFN + 8 null experts, top-4 (2 FFN experts on average at init)
+  null                   AdaMoE: 8 FFN + 8 null experts, top-4 (2 FFN experts per token if routing
+                         were uniform; the study reports the measured count)
 """
 import math
 

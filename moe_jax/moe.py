@@ -165,14 +165,17 @@ class MoELayer(nnx.Module):
 
   def dropless_output(self, tokens: jax.Array, decision: routing.RoutingDecision) -> jax.Array:
     """Routed-expert output [T, D] float32 with dropless dispatch (no shared experts)."""
-    index, weight = self.ffn_assignments(decision)
-    plan = dispatch.dropless_plan(index, self.num_experts)
-    x_sorted = dispatch.dropless_dispatch(tokens, plan, index.shape[-1])
-    y_sorted = self.experts.grouped(x_sorted, plan.group_sizes)
-    y = dispatch.dropless_combine(y_sorted, plan, weight)
+    y = self._dropless(tokens, *self.ffn_assignments(decision))
     if self.zero_experts is not None:
       y = y + self.zero_experts(tokens, decision.expert_index, decision.combine_weight)
     return y
+
+  def _dropless(self, tokens: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
+    """Sort by expert, grouped matmul, unsort and combine: [T, D] -> [T, D] float32."""
+    plan = dispatch.dropless_plan(index, self.num_experts)
+    x_sorted = dispatch.dropless_dispatch(tokens, plan, index.shape[-1])
+    y_sorted = self.experts.grouped(x_sorted, plan.group_sizes)
+    return dispatch.dropless_combine(y_sorted, plan, weight)
 
   def _capacity(self, group_size: int) -> int:
     if self.config.router == "expert_choice":
@@ -189,10 +192,7 @@ class MoELayer(nnx.Module):
       if expert_parallel.expert_axis_size(mesh) > 1:
         y = self._expert_parallel(tokens, index, weight, group_size, mesh)[0]
       else:
-        plan = dispatch.dropless_plan(index, self.num_experts)
-        x_sorted = dispatch.dropless_dispatch(tokens, plan, index.shape[-1])
-        y = dispatch.dropless_combine(self.experts.grouped(x_sorted, plan.group_sizes), plan,
-                                      weight)
+        y = self._dropless(tokens, index, weight)
     else:
       if tokens.shape[0] % group_size:
         raise ValueError(f"config.model.moe.group_size={group_size} must divide the number of "

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import sharding
+from moe_jax import dispatch, sharding
 from moe_jax.routers.decision import RoutingDecision, unassign  # noqa: F401  (public names)
 from moe_jax.routers.dynamic import relu_routing, top_p
 from moe_jax.routers.expert_choice import expert_choice
@@ -56,7 +56,6 @@ def num_router_outputs(config) -> int:
 
 def expert_choice_capacity(config, group_size: int) -> int:
   """C = ceil(capacity_factor * N / E) tokens per expert and group (Zhou et al. 2022)."""
-  from moe_jax import dispatch  # leaf module; imported here to keep routing free of dispatch
   return min(group_size, dispatch.expert_capacity(group_size, config.num_experts, 1,
                                                   config.capacity_factor))
 

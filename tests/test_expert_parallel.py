@@ -26,16 +26,18 @@ def tiny_moe_config(capacity_factor=None, exchange="all_to_all", **mesh):
 
 
 def loss_and_grads(config):
-  """Loss, dropped fraction and gradients of step 0's batch, computed on config.mesh."""
+  """Loss, dropped fraction and gradients of step 0's batch, computed on config.mesh (with the
+  initial router state for routers that keep one)."""
   validate_config(config, num_devices=8)
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params, _ = train.build_model(config, mesh)
+  router_state = train.init_router_state(config, mesh)  # {} unless the router keeps state
   batch = data.load_dataset(config.data, "train").train_batch(0, config.data.batch_size,
                                                              config.seed)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   grad_fn = jax.value_and_grad(functools.partial(train.loss_fn, graphdef=graphdef), has_aux=True)
   with jax.set_mesh(mesh):
-    (loss, (_, aux)), grads = jax.jit(grad_fn)(params, batch)
+    (loss, (_, aux)), grads = jax.jit(grad_fn)(params, batch, router_state=router_state)
   return float(loss), float(aux["dropped_fraction"]), jax.tree.map(np.asarray, grads)
 
 

@@ -19,10 +19,11 @@ import pytest
 from flax import nnx
 
 from configs import default, routers
-from moe_jax import losses, train
+from moe_jax import train
+from moe_jax.models.transformer import Transformer
 from moe_jax.moe import MoELayer
 from moe_jax.validation import ConfigError, validate_config
-from test_expert_parallel import tiny_moe_config, worst_relative_difference
+from test_expert_parallel import loss_and_grads, tiny_moe_config, worst_relative_difference
 from test_train import REPO, run
 
 SPARSE_VARIANTS = [v for v in routers.VARIANTS if v not in ("dense", "soft")]
@@ -60,7 +61,7 @@ def dense_reference(layer: MoELayer, x, decision, kept=None):
     hidden = np.asarray(jax.nn.gelu(up))
   outputs = np.einsum("etf,efd->etd", hidden, w_down)  # [E, T, D]
   index = np.asarray(decision.expert_index)
-  weight = np.asarray(decision.combine_weight, np.float64)
+  weight = raw_weight = np.asarray(decision.combine_weight, np.float64)
   if kept is not None:
     weight = np.where(np.asarray(kept), weight, 0.0)
   y = np.zeros_like(tokens)
@@ -68,9 +69,20 @@ def dense_reference(layer: MoELayer, x, decision, kept=None):
     for k in range(index.shape[1]):
       if index[t, k] < layer.num_experts:
         y[t] += weight[t, k] * outputs[index[t, k], t]
+  # MoE++: copy = x, constant = a1 x + a2 v, zero/null = 0; no capacity limits these.
   if layer.zero_experts is not None:
-    y += np.asarray(layer.zero_experts(jnp.asarray(tokens, jnp.float32), decision.expert_index,
-                                       decision.combine_weight), np.float64)
+    ranges = layer.zero_experts.ranges
+    for t in range(tokens.shape[0]):
+      for k in range(index.shape[1]):
+        e = index[t, k]
+        if ranges["copy"][0] <= e < ranges["copy"][1]:
+          y[t] += raw_weight[t, k] * tokens[t]
+        elif ranges["constant"][0] <= e < ranges["constant"][1]:
+          c = e - ranges["constant"][0]
+          logits = tokens[t] @ np.asarray(layer.zero_experts.constant_gate[...], np.float64)[c]
+          a = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+          vector = np.asarray(layer.zero_experts.constant_vector[...], np.float64)[c]
+          y[t] += raw_weight[t, k] * (a[0] * tokens[t] + a[1] * vector)
   if layer.shared_experts is not None:  # always-on experts: a dense SwiGLU MLP on every token
     shared = layer.shared_experts
     gate = tokens @ np.asarray(shared.w_gate[...], np.float64)
@@ -332,24 +344,6 @@ def test_router_state_updates_under_remat(tmp_path):
     assert losses_by_remat[True][step] == pytest.approx(losses_by_remat[False][step], rel=1e-5)
 
 
-def loss_and_grads(config):
-  """Loss, dropped fraction and gradients of step 0's batch on config.mesh, router state included
-  (test_expert_parallel.loss_and_grads for models that may carry router state)."""
-  import functools
-  from moe_jax import data, sharding
-  validate_config(config, num_devices=8)
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, _ = train.build_model(config, mesh)
-  router_state = train.init_router_state(config, mesh)
-  batch = data.load_dataset(config.data, "train").train_batch(0, config.data.batch_size,
-                                                             config.seed)
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  grad_fn = jax.value_and_grad(functools.partial(train.loss_fn, graphdef=graphdef), has_aux=True)
-  with jax.set_mesh(mesh):
-    (loss, (_, aux)), grads = jax.jit(grad_fn)(params, batch, router_state=router_state)
-  return float(loss), float(aux["dropped_fraction"]), jax.tree.map(np.asarray, grads)
-
-
 @pytest.mark.parametrize("variant", ["expert_choice", "top_p", "bpr", "moe_plus_plus",
                                      "deepseek_v3"])
 def test_new_routers_are_the_same_function_under_expert_parallelism(variant):
@@ -404,8 +398,19 @@ def test_router_config_errors_name_the_field():
     routers.get_config("nope")
 
 
-def test_every_router_is_selectable_from_the_command_line(tmp_path):
-  """`--config.model.moe.router=...` on the default job's tiny variant trains and logs."""
+@pytest.mark.parametrize("variant", routers.VARIANTS)
+def test_every_router_variant_is_a_valid_config_that_builds(variant):
+  """Each configs/routers.py variant passes validation and its model builds (abstractly)."""
+  config = routers.get_config(variant)
+  validate_config(config, num_devices=1)
+  model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+  layers = [b.ffn for b in model.blocks if isinstance(b.ffn, MoELayer)]
+  assert (not layers) == (variant == "dense")
+
+
+def test_router_fields_are_settable_from_the_command_line(tmp_path):
+  """`--config.model.moe.router=... --config.model.moe.capacity_factor=...` on the default job's
+  tiny variant trains and logs (capacity_factor is None by default: a float placeholder)."""
   command = [sys.executable, "-m", "moe_jax.main", "--config=configs/default.py:tiny",
              f"--workdir={tmp_path}", "--config.train.steps=2", "--config.train.eval_every=2",
              "--config.model.moe.router=expert_choice", "--config.model.moe.capacity_factor=2.0",
