@@ -28,7 +28,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.steps = 250  # Optimiser steps per run (the base config's train.steps is replaced).
   config.warmup_steps = 30  # Linear warmup steps per run; -1 keeps the base config's.
   config.eval_every = 50  # Steps between validation evaluations (and at the last step).
-  config.eval_batches = 8  # Validation batches per evaluation (the same batches for every run).
+  # Validation batches per evaluation: the same sample, spread over the whole split, for every run.
+  config.eval_batches = 32
   config.log_every = 50  # Steps between training log lines of each run.
   # Load imbalance, drops and experts/token are averaged over this final fraction of the steps,
   # once the router has had time to settle (the first steps mostly show the initialisation).
@@ -43,7 +44,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.steps = 6
     config.warmup_steps = 2
     config.eval_every = 3
-    config.eval_batches = 1
+    config.eval_batches = 2
     config.log_every = 3
   else:
     raise ValueError(f"Unknown config variant {variant!r}; allowed: '', 'quick'.")

@@ -6,7 +6,8 @@
 Variants (big_vision style, `--config=configs/default.py:VARIANT`):
   (none)  MoE FFN in every other layer: 8 experts, token-choice top-2, dropless.
   dense   The dense baseline with the same active FLOPs per token: every FFN is an MLP whose
-          hidden size equals top_k * expert_hidden_dim.
+          hidden size equals top_k * expert_hidden_dim (a FieldReference: it follows overrides
+          of either field).
   tiny    A seconds-long run on the synthetic task, used by the tests.
 """
 import ml_collections
@@ -48,6 +49,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.group_by = "sequence"  # Groups of consecutive tokens of a sequence, or "position" (the
   #   tokens at one position across the batch: causal for expert choice and soft MoE).
   moe.group_size = 0  # Tokens per group; 0 = one row (a sequence, or the batch at one position).
+  # Validation rejects routing that lets a token's output depend on later tokens in this causal
+  # decoder (expert choice / soft MoE over sequence groups, capacity dropping or batch-prioritized
+  # routing over sequence groups). True accepts it: the model then sees the future in training
+  # and evaluation, so its validation loss is NOT a language-model loss and cannot be compared
+  # with causal runs; it also cannot decode token by token.
+  moe.allow_noncausal = False
   moe.capacity_priority = "position"  # Capacity claim order: "position" (Switch) or "score"
   #   (batch-prioritized routing, V-MoE: most confident tokens first).
   moe.expert_hidden_dim = 256  # Hidden size of each expert; K * this = dense mlp_dim (equal FLOPs).
@@ -56,10 +63,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.score_function = "softmax"  # Token-choice scores: "softmax" | "sigmoid" (DeepSeek-V3).
   moe.num_expert_groups = 1  # Group-limited routing: experts in n groups (DeepSeek-V3); 1 = off.
   moe.top_k_groups = 1  # ... each token picks experts inside its top-m groups.
+  moe.group_score = "top2_sum"  # Group score: "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2).
   moe.routed_scaling_factor = 1.0  # Multiplies the routed experts' weights (DeepSeek-V3).
   moe.bias_update_rate = 0.0  # Auxiliary-loss-free balancing bias step u; 0 = off (Wang 2024).
   moe.router_jitter = 0.0  # Training-only multiplicative router-input noise eps (Switch).
   moe.router_noise_std = 0.0  # Training-only Gaussian logit noise, noisy top-k (V-MoE: 1/E).
+  moe.router_noise = "fixed"  # Noisy top-k std: "fixed" = router_noise_std (V-MoE) | "learned" =
+  #   Softplus(x W_noise) per token and expert, W_noise zero-initialised (Shazeer et al. 2017).
   moe.top_p_threshold = 0.4  # router="top_p": cumulative probability p (Huang et al. 2024).
   moe.top_p_loss_weight = 1e-4  # router="top_p": weight of the dynamic (entropy) loss.
   moe.max_experts_per_token = 0  # router="top_p": cap on experts per token; 0 = E.
@@ -71,6 +81,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.num_zero_experts = 0  # MoE++ zero-computation experts (output 0).
   moe.num_copy_experts = 0  # MoE++ copy experts (output x).
   moe.num_constant_experts = 0  # MoE++ constant experts (a1 x + a2 v).
+  moe.zero_expert_balance_weight = 1.0  # MoE++ tau: weight of the zero/copy/constant experts'
+  #   balance-loss terms (heterogeneous load balance loss); 1.0 = ordinary experts.
   moe.num_null_experts = 0  # AdaMoE null experts (output 0, weights renormalised over FFN ones).
   moe.load_balance_loss_weight = 0.01  # Switch Transformer balance loss coefficient (alpha).
   moe.balance_scope = "global"  # Balance statistics over the "global" batch or per "micro_batch".
@@ -93,13 +105,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.batch_size = 16  # Global batch size B (sequences per step).
   data.seq_len = 128  # Tokens per sequence S.
   data.reader = "auto"  # "seqio" | "numpy" | "auto" (seqio when TensorFlow imports, else numpy).
-  data.eval_batches = 8  # Validation batches per evaluation.
+  # Validation batches per evaluation: a fixed sample of eval_batches * batch_size chunks spread
+  # over the whole split (every file represented; the whole split when it has fewer chunks).
+  data.eval_batches = 32
 
   config.train = train = ml_collections.ConfigDict()
   train.steps = 1500  # Optimiser steps.
   train.learning_rate = 3e-3  # Peak learning rate after warmup.
   train.warmup_steps = 100  # Linear warmup steps.
-  train.end_learning_rate_fraction = 0.1  # Cosine decays to this fraction of the peak.
+  train.schedule = "cosine"  # "cosine" (warmup + cosine decay) | "wsd" (warmup-stable-decay).
+  # Steps the schedule is laid over; 0 = train.steps at the first start. Saved with checkpoints:
+  # a resume with a larger train.steps keeps the saved horizon (the final rate is held past it)
+  # unless this is set, which lays the schedule over the new horizon (and is logged).
+  train.schedule_steps = 0
+  train.decay_fraction = 0.1  # "wsd": the final fraction of the horizon decays linearly.
+  train.end_learning_rate_fraction = 0.1  # The schedule ends at this fraction of the peak.
   train.weight_decay = 0.1  # AdamW decoupled weight decay (matrices only).
   train.b1 = 0.9  # AdamW beta1.
   train.b2 = 0.95  # AdamW beta2.
@@ -113,7 +133,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     pass
   elif variant == "dense":
     model.moe_every = 0
-    model.mlp_dim = moe.top_k * moe.expert_hidden_dim
+    # A reference, so that overriding top_k or expert_hidden_dim keeps the equal-FLOPs pairing.
+    model.mlp_dim = moe.get_ref("top_k") * moe.get_ref("expert_hidden_dim")
   elif variant == "tiny":
     model.d_model = 32
     model.num_layers = 2

@@ -12,8 +12,9 @@ choice (exactly, or on average where the method makes the count vary: see each e
 Variants:
   dense                  dense FFN of hidden K * expert_hidden_dim (the equal-FLOPs baseline)
   token_choice           softmax top-2, dropless (the default)
-  token_choice_capacity  top-2 with capacity factor 1.25, Switch position priority
-  bpr                    as above with batch-prioritized routing (V-MoE)
+  token_choice_capacity  top-2 with capacity factor 1.25, Switch position priority, groups of one
+                         position (causal)
+  bpr                    as above with batch-prioritized routing (V-MoE), groups of one position
   expert_choice          expert choice, c = K, groups of one position (causal)
   soft                   Soft MoE, groups of one position (causal), ceil(K * B / E) slots/expert
   top_p                  top-p dynamic routing, p = 0.4 (experts per token vary)
@@ -30,7 +31,6 @@ Variants:
   null                   AdaMoE: 8 FFN + 8 null experts, top-4 (2 FFN experts per token if routing
                          were uniform; the study reports the measured count)
 """
-import math
 
 import ml_collections
 
@@ -66,23 +66,30 @@ def apply_router(config: ml_collections.ConfigDict, name: str) -> ml_collections
   model, moe = config.model, config.model.moe
   if name not in VARIANTS:
     raise ValueError(f"Unknown router variant {name!r}; allowed: {', '.join(VARIANTS)}.")
+  # Derived sizes are FieldReferences, so command-line overrides of top_k, expert_hidden_dim,
+  # num_experts or batch_size keep the pairing (tests/test_config.py).
   if name == "dense":
     model.moe_every = 0
-    model.mlp_dim = moe.top_k * moe.expert_hidden_dim
+    model.mlp_dim = moe.get_ref("top_k") * moe.get_ref("expert_hidden_dim")
   elif name == "token_choice":
     pass
   elif name in ("token_choice_capacity", "bpr"):
     moe.capacity_factor = 1.25
     moe.capacity_priority = "score" if name == "bpr" else "position"
+    # Position groups keep dropping causal: a slot goes only to tokens at the same position.
+    moe.group_by = "position"
   elif name == "expert_choice":
     moe.router = "expert_choice"
-    moe.capacity_factor = float(moe.top_k)  # c = K experts per token on average
+    moe.capacity_factor = moe.get_ref("top_k").to_float()  # c = K experts per token on average
     moe.group_by = "position"
     moe.load_balance_loss_weight = 0.0  # every expert takes exactly C tokens
   elif name == "soft":
     moe.router = "soft"
     moe.group_by = "position"
-    moe.soft_slots_per_expert = math.ceil(moe.top_k * config.data.batch_size / moe.num_experts)
+    # ceil(K * B / E): a group is the B tokens at one position.
+    experts = moe.get_ref("num_experts")
+    moe.soft_slots_per_expert = (moe.get_ref("top_k") * config.data.get_ref("batch_size")
+                                 + experts - 1) // experts
     moe.load_balance_loss_weight = 0.0
     moe.router_z_loss_weight = 0.0
   elif name == "top_p":
@@ -105,7 +112,7 @@ def apply_router(config: ml_collections.ConfigDict, name: str) -> ml_collections
     moe.balance_scope = "micro_batch"
     moe.balance_micro_batch_size = 2
   elif name == "vmoe":
-    moe.router_noise_std = 1.0 / moe.num_experts
+    moe.router_noise_std = 1.0 / moe.get_ref("num_experts").to_float()
     moe.importance_loss_weight = 0.005
     moe.noisy_load_loss_weight = 0.005
     moe.load_balance_loss_weight = 0.0

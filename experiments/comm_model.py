@@ -11,9 +11,13 @@ it estimates, per device, per MoE layer and per training step:
                            device sends the chunk [E/ep, G_local, C, D] of each peer's experts
                            (dispatch), and the expert outputs come back the same way (combine).
       padded_all_to_all    the dropless all-to-all of moe_jax/expert_parallel.py: every
-                           destination gets a buffer of T_local * K rows (the most it could need).
+                           destination gets a buffer of T_local * K rows (the most it could need),
+                           K = the router's slots per token (`routing.slots_per_token`): top_k for
+                           token choice and random routing, E' for expert choice and ReLU, E' or
+                           max_experts_per_token for top-p.
       ragged_all_to_all    the exact dropless exchange (what lax.ragged_all_to_all would send): the
-                           T_local * K routed rows, (ep - 1)/ep of them off-device in expectation.
+                           T_local * top_k routed rows, (ep - 1)/ep of them off-device in
+                           expectation.
       allgather            all-gather the T_local * D tokens over the expert axis, run the local
                            experts on every gathered token routed to them, reduce-scatter the
                            [ep * T_local, D] partial outputs back.
@@ -49,7 +53,11 @@ Assumptions (each makes the estimate optimistic or simple, none tuned to a measu
     transpose. So forward + backward moves 2x the forward bytes; with `remat` the forward is
     recomputed inside the backward pass, its collectives included, so 3x (and the FLOPs are 4x the
     forward instead of 3x). Routing metadata (integer ids) has no backward.
-  * Uniform routing for the dropless and all-gather modes (expected rows per expert = T*K/E).
+  * Uniform routing for the dropless and all-gather modes with top_k FFN experts per token
+    (expected rows per expert = T*top_k/E), whatever the router: ReLU routing's default target
+    sparsity gives top_k on average, top-p's count varies, zero-computation experts lower it.
+  * Soft MoE is not modelled: its experts run under GSPMD, not the shard_map EP layer, so no
+    exchange of the kinds above is traced (`exchanged_bytes` raises).
   * Weight collectives happen once per step (no gradient accumulation) in the parameter dtype.
   * The tensor axis: with EP the layer's shard_map gathers whole expert weights, so tensor-axis
     replicas repeat the same expert work; without EP, GSPMD splits F over it.
@@ -73,7 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.comm_topologies import (  # noqa: E402,F401
     TOPOLOGIES, Topology, all_to_all_seconds, group_locality, ring_seconds, target_topology,
     torus_mean_hops)
-from moe_jax import targets  # noqa: E402
+from moe_jax import routing, targets  # noqa: E402
 from moe_jax.dispatch import expert_capacity  # noqa: E402
 from moe_jax.sharding import BATCH_AXES, MESH_AXES  # noqa: E402
 
@@ -138,8 +146,10 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
   module docstring for the backward.
 
   Args:
-    config: experiment config (model.d_model, model.dtype, model.moe.{num_experts, top_k,
-      capacity_factor, group_size}, data.{batch_size, seq_len}).
+    config: experiment config (model.d_model, model.dtype, model.moe.{router, num_experts, top_k,
+      capacity_factor, group_size, ...}, data.{batch_size, seq_len}); K below is the router's
+      slots per token (`routing.slots_per_token`), top_k only for token choice and random routing.
+      router='soft' raises ValueError (not modelled).
     num_devices_by_axis: mesh axis sizes, e.g. {"data": 2, "expert": 4}, or `mesh.shape`.
     mode: one of MODES.
     capacity_factor: overrides `config.model.moe.capacity_factor` (capacity mode only).
@@ -159,7 +169,9 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
     "allgather" the combine is a reduce-scatter whose input is the [ep * T_local, D] partial output;
     metadata_per_device_bytes / metadata_sent_bytes_per_device: routing ids and weights sent with
       the tokens (padded: int32 local expert ids [ep, T_local * K]; allgather: int32 expert ids and
-      float32 weights [T_local, K], gathered; capacity and ragged: none counted);
+      float32 weights [T_local, K] (with a capacity factor also the float32 priority
+      [T_local]), gathered; capacity and ragged: none counted);
+    slots_per_token: K;
     ffn_rows_per_device: rows of the expert FFN's input buffer (padding included);
     expected_rows_per_device: real (token, expert) rows each device computes in expectation;
     tokens_per_device (T_local), expert_parallel (ep), num_devices, itemsize, combine_itemsize,
@@ -177,9 +189,16 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
     raise ValueError(f"config.model.moe.num_experts={moe.num_experts} is not divisible by the "
                      f"expert axis size {ep}.")
   d_model, item = config.model.d_model, itemsize(config.model.dtype)
+  if moe.get("router", "token_choice") == "soft":
+    raise ValueError("router='soft' is not modelled: Soft MoE's experts are partitioned by GSPMD, "
+                     "not exchanged by the expert-parallel layer (moe_jax/expert_parallel.py).")
   t_local, top_k = tokens_per_device(config, sizes), moe.top_k
+  # K, the slots per token of the router's decision: the EP layer's buffers and routing metadata
+  # have T_local * K rows (top_k for token choice, E' for ReLU, top-p and expert choice).
+  slots = routing.slots_per_token(moe)
   out = {"mode": mode, "itemsize": item, "combine_itemsize": COMBINE_ITEMSIZE,
          "expert_parallel": ep, "num_devices": num_devices, "tokens_per_device": t_local,
+         "slots_per_token": slots,
          "expected_rows_per_device": t_local * top_k,
          "metadata_per_device_bytes": 0, "metadata_sent_bytes_per_device": 0}
 
@@ -190,12 +209,18 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
       raise ValueError("capacity_all_to_all needs a capacity factor: the config is dropless "
                        "(model.moe.capacity_factor=None); pass capacity_factor=.")
   if factor is not None and mode in ("capacity_all_to_all", "allgather"):
-    group_size = moe.get("group_size", 0) or config.data.seq_len
+    # As MoELayer: one row of the layout group_by selects (a sequence, or the batch at a position).
+    row = config.data.batch_size if moe.get("group_by", "sequence") == "position" else (
+        config.data.seq_len)
+    group_size = moe.get("group_size", 0) or row
     if t_local % group_size:
       raise ValueError(f"Capacity groups of {group_size} tokens do not tile the {t_local} tokens "
                        "per device; a group may not span devices.")
     groups = t_local // group_size
-    capacity = expert_capacity(group_size, moe.num_experts, top_k, factor)
+    # As MoELayer._capacity: expert choice sizes its buffers by C = capacity_factor * N / E.
+    capacity = (routing.expert_choice_capacity(moe, group_size)
+                if moe.get("router") == "expert_choice"
+                else expert_capacity(group_size, moe.num_experts, top_k, factor))
     # The batched FFN computes every slot of [E_local, ep * G_local, C] = E * G_local * C rows.
     out.update(group_size=group_size, groups_per_device=groups, capacity=capacity,
                buffer_shape=(moe.num_experts, groups, capacity, d_model),
@@ -212,7 +237,7 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
     record("", chunk * item, ep - 1, ep)
     record("combine_", chunk * COMBINE_ITEMSIZE, ep - 1, ep)
   elif mode == "padded_all_to_all":
-    rows = t_local * top_k  # the most one device can route to any one destination
+    rows = t_local * slots  # the most one device can route to any one destination
     record("", rows * d_model * item, ep - 1, ep)
     record("combine_", rows * d_model * COMBINE_ITEMSIZE, ep - 1, ep)
     out.update(metadata_per_device_bytes=ep * rows * 4,
@@ -227,10 +252,12 @@ def exchanged_bytes(config, num_devices_by_axis: Mapping[str, int], mode: str, *
     shard = t_local * d_model  # each device's own tokens; gathered from (ep - 1) peers
     record("", shard * item, ep - 1, ep)
     record("combine_", shard * COMBINE_ITEMSIZE, ep - 1, ep)
-    out.update(metadata_per_device_bytes=ep * t_local * top_k * 8,
-               metadata_sent_bytes_per_device=(ep - 1) * t_local * top_k * 8)
-    if factor is None:  # dropless: every gathered (token, choice) row is sorted into the FFN input
-      out["ffn_rows_per_device"] = ep * t_local * top_k
+    # int32 ids and float32 weights per slot, and with capacity the float32 priority per token.
+    per_token = slots * 8 + (4 if factor is not None else 0)
+    out.update(metadata_per_device_bytes=ep * t_local * per_token,
+               metadata_sent_bytes_per_device=(ep - 1) * t_local * per_token)
+    if factor is None:  # dropless: every gathered (token, slot) row is sorted into the FFN input
+      out["ffn_rows_per_device"] = ep * t_local * slots
   out["total_bytes"] = num_devices * out["per_device_bytes"]
   out["combine_total_bytes"] = num_devices * out["combine_per_device_bytes"]
   return out

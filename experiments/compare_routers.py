@@ -12,7 +12,9 @@ For every router variant R in `config.routers` and every seed s in `config.seeds
 base LM (configs/default.py, or its `tiny` variant when `config.base = "tiny"`) turned into router R
 by `configs.routers.apply_router` (which keeps the active FLOPs per token of the base), for
 `config.steps` steps, in its own workdir WORKDIR/runs/R_seed{s}, and records
-  * the validation bits/byte at the end and at every evaluation (`eval_history`);
+  * the validation bits/byte at the end and at every evaluation (`eval_history`), with each
+    evaluation's standard error over its batches (the evaluation sample is spread over the whole
+    validation split: `data.TokenDataset.eval_chunks`), and the corpus fingerprint;
   * the training throughput (tokens/s, compilation excluded);
   * over the last `config.tail_fraction` of the steps, averaged: the load imbalance (mean over MoE
     layers of max_i load_i / mean_i load_i, load_i the fraction of assignments that expert i
@@ -23,8 +25,9 @@ Each finished run writes WORKDIR/runs/R_seed{s}/result.json; a rerun reuses it, 
 study resumes where it stopped (a run stopped by SIGTERM resumes from its checkpoint).
 
 Writes into WORKDIR:
-  results.csv   one row per router: seeds, bits/byte mean and std (ddof=1), tokens/s, load
-                imbalance, dropped fraction, experts/token;
+  results.csv   one row per router: seeds, bits/byte mean, std (ddof=1) and standard error over
+                seeds, mean evaluation standard error, tokens/s, load imbalance, dropped fraction,
+                experts/token, causal;
   runs.csv      one row per (router, seed);
   results.md    the per-router table in Markdown (bits/byte as mean ± std over seeds);
   val_loss.png  validation bits/byte against step, mean over seeds per router, min-max band
@@ -58,13 +61,14 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from configs import routers as router_configs  # noqa: E402
-from moe_jax import train  # noqa: E402
-from moe_jax.validation import validate_config  # noqa: E402
+from moe_jax import data, train  # noqa: E402
+from moe_jax.validation import noncausal_routing, validate_config  # noqa: E402
 
-SUMMARY_COLUMNS = ("router", "n_seeds", "bpb_mean", "bpb_std", "tokens_per_s_mean",
-                   "load_imbalance", "dropped_fraction", "experts_per_token")
-RUN_COLUMNS = ("router", "seed", "steps", "bpb", "eval_loss", "tokens_per_s", "load_imbalance",
-               "dropped_fraction", "experts_per_token", "train_seconds")
+SUMMARY_COLUMNS = ("router", "n_seeds", "bpb_mean", "bpb_std", "bpb_sem", "eval_stderr",
+                   "tokens_per_s_mean", "load_imbalance", "dropped_fraction", "experts_per_token",
+                   "causal")
+RUN_COLUMNS = ("router", "seed", "steps", "bpb", "bpb_stderr", "eval_loss", "tokens_per_s",
+               "load_imbalance", "dropped_fraction", "experts_per_token", "train_seconds")
 # Per-step routing statistics that the tail of each run averages.
 STAT_NAMES = ("load_imbalance", "dropped_fraction", "experts_per_token")
 RESULT_FILE = "result.json"
@@ -146,8 +150,10 @@ def summarize(runs: Sequence[dict], routers: Sequence[str] | None = None) -> lis
     routers: the row order; default: the order of first appearance in `runs`. Routers without runs
       are left out.
   Returns:
-    rows with bpb_mean and bpb_std over seeds (std with ddof=1; 0 for a single seed) and the means
-    over seeds of throughput and the routing statistics, ignoring NaNs.
+    rows with bpb_mean, bpb_std over seeds (ddof=1; 0 for a single seed) and bpb_sem = bpb_std /
+    sqrt(seeds), eval_stderr = the mean over seeds of each run's standard error over evaluation
+    batches, the means over seeds of throughput and the routing statistics (ignoring NaNs), and
+    `causal` ("yes", or "no" for a run that opted into non-causal routing).
   """
   if routers is None:
     routers = list(dict.fromkeys(r["router"] for r in runs))
@@ -162,6 +168,9 @@ def summarize(runs: Sequence[dict], routers: Sequence[str] | None = None) -> lis
         "n_seeds": len(group),
         "bpb_mean": float(bpb.mean()),
         "bpb_std": float(bpb.std(ddof=1)) if len(group) >= 2 else 0.0,
+        "bpb_sem": float(bpb.std(ddof=1) / math.sqrt(len(group))) if len(group) >= 2 else 0.0,
+        "eval_stderr": _finite_mean(r.get("bpb_stderr", math.nan) for r in group),
+        "causal": "no" if any(r.get("noncausal") for r in group) else "yes",
         "tokens_per_s_mean": _finite_mean(r["tokens_per_s"] for r in group),
         **{name: _finite_mean(r[name] for r in group) for name in STAT_NAMES},
     })
@@ -173,22 +182,26 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def markdown_table(summary: Sequence[dict], *, steps: int, seeds: Sequence[int],
-                   base: str) -> str:
-  """A header line (steps, seeds, base) and the per-router Markdown table of `summarize`'s rows."""
+                   base: str, corpus: str = "") -> str:
+  """A header (steps, seeds, base, corpus) and the per-router Markdown table of `summarize`'s rows."""
   base_name = f"configs/default.py:{base}" if base else "configs/default.py"
   lines = [
       f"Router comparison: {steps} steps, seeds {', '.join(str(s) for s in seeds)}, base "
-      f"{base_name}; bits/byte = final validation, mean ± std over seeds.",
+      f"{base_name}; bits/byte = final validation, mean ± std over seeds (± s.e. = std / "
+      "sqrt(seeds) in the next column); eval s.e. = the mean over seeds of each run's standard "
+      "error over its evaluation batches." + (f" Corpus: {corpus}." if corpus else ""),
       "",
-      "| router | seeds | bits/byte | tokens/s | load imbalance (max/mean) | dropped "
-      "| experts/token |",
-      "|---|---|---|---|---|---|---|",
+      "| router | seeds | bits/byte | ± s.e. | eval s.e. | tokens/s | load imbalance (max/mean) "
+      "| dropped | experts/token | causal |",
+      "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in summary:
     lines.append(
         f"| {row['router']} | {row['n_seeds']} | {row['bpb_mean']:.3f} ± {row['bpb_std']:.3f} | "
+        f"{row['bpb_sem']:.3f} | {_fmt(row['eval_stderr'], '.3f')} | "
         f"{_fmt(row['tokens_per_s_mean'], ',.0f')} | {_fmt(row['load_imbalance'], '.2f')} | "
-        f"{_fmt(row['dropped_fraction'], '.1%')} | {_fmt(row['experts_per_token'], '.2f')} |")
+        f"{_fmt(row['dropped_fraction'], '.1%')} | {_fmt(row['experts_per_token'], '.2f')} | "
+        f"{row['causal']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -208,7 +221,7 @@ def eval_curves(runs: Sequence[dict], routers: Sequence[str]) -> dict[str, dict]
     by_step: dict[int, list[float]] = {}
     for run in runs:
       if run["router"] == router:
-        for step, _, bpb in run["eval_history"]:
+        for step, _, bpb, *_ in run["eval_history"]:
           by_step.setdefault(int(step), []).append(float(bpb))
     if by_step:
       steps = sorted(by_step)
@@ -332,7 +345,7 @@ def _write_json(path: str, data: dict) -> None:
 def _read_record(path: str) -> dict:
   with open(path) as f:
     record = json.load(f)
-  for name in ("tokens_per_s",) + STAT_NAMES:
+  for name in ("tokens_per_s", "bpb_stderr") + STAT_NAMES:
     if record.get(name) is None:
       record[name] = math.nan
   return record
@@ -381,6 +394,8 @@ def train_run(config, run_dir: str, *, router: str, seed: int, tail_fraction: fl
     raise RuntimeError(f"{run_dir}: training returned no final evaluation ({result}).")
   record = {"router": router, "seed": seed, "steps": int(result["step"]),
             "bpb": float(result["eval/bits_per_byte"]), "eval_loss": float(result["eval/loss"]),
+            "bpb_stderr": float(result["eval/bits_per_byte_stderr"]),
+            "noncausal": noncausal_routing(config) is not None, "corpus": result["corpus"],
             "eval_history": eval_history, "tokens_per_s": float(tokens_per_s),
             **recorder.means(), "train_seconds": seconds, "config": config_json}
   _write_json(os.path.join(run_dir, RESULT_FILE), record)
@@ -441,13 +456,16 @@ def run_study(study, workdir: str) -> list[dict]:
   summary = summarize(runs, routers)
   write_csv(os.path.join(workdir, "results.csv"), summary, SUMMARY_COLUMNS)
   write_csv(os.path.join(workdir, "runs.csv"), runs, RUN_COLUMNS)
-  table = markdown_table(summary, steps=study.steps, seeds=seeds, base=study.base)
+  corpora = {json.dumps(r["corpus"], sort_keys=True) for r in runs if r.get("corpus")}
+  corpus = "; ".join(data.describe_fingerprint(json.loads(c)) for c in sorted(corpora))
+  table = markdown_table(summary, steps=study.steps, seeds=seeds, base=study.base, corpus=corpus)
   environment = (
       f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
       f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()}); load "
       f"imbalance, dropped and experts/token are means over the last {study.tail_fraction:.0%} of "
       "the steps; tokens/s excludes the first (compiling) step; '-' = not reported (dense has no "
-      "router).\n")
+      "router). Soft MoE's load is each expert's share of the combine weight mass (its dispatch "
+      "mass is equal by construction).\n")
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n" + environment)
   base_name = f"configs/default.py:{study.base}" if study.base else "configs/default.py"

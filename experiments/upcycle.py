@@ -12,14 +12,18 @@ From the latest checkpoint (step S) of a dense run in --dense_workdir, this
      step S + --extra_steps (same data order, same learning-rate schedule);
   3. writes the validation loss and bits/byte of both, and of both models at step S, to
      WORKDIR/upcycle_results.md (and prints it).
-Both runs use train.steps = S + extra_steps, so they follow the same schedule from step S on. Note
+Both continue the dense run's learning-rate schedule: its horizon is saved with the checkpoint and
+kept (`train.resumed_horizon`), so set it when training the dense model; with
+`--dense_config.train.schedule_steps=S + extra_steps` the dense run stops part-way through its cosine
+and both continuations finish it (without it, both hold the final learning rate past S). Note
 that the upcycled MoE does top_k times the dense FFN FLOPs per token (each expert is as wide as the
 dense MLP), unlike configs/default.py's equal-FLOP dense variant.
 
 If --dense_workdir holds no checkpoint, the dense model is first trained there from --dense_config:
 
   python experiments/upcycle.py --dense_workdir=/tmp/dense --workdir=/tmp/upcycle \
-      --dense_config=configs/default.py:dense --dense_config.train.steps=300 --extra_steps=200
+      --dense_config=configs/default.py:dense --dense_config.train.steps=300 \
+      --dense_config.train.schedule_steps=500 --extra_steps=200
 
 Rerunning the command resumes whatever is unfinished.
 """
@@ -84,8 +88,9 @@ def _fresh_state(config, mesh):
   tx, _ = train.make_optimizer(config.train)
   opt_state = jax.jit(tx.init, out_shardings=train.optimizer_shardings(tx, params, param_shardings,
                                                                      mesh))(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  return graphdef, {"step": step, "params": params, "opt_state": opt_state}
+  replicated_int = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), sharding.replicated(mesh))
+  return graphdef, {"step": replicated_int(0), "params": params, "opt_state": opt_state,
+                    "schedule_horizon": replicated_int(train.schedule_horizon(config.train))}
 
 
 def evaluate_params(config, graphdef, params, mesh) -> dict:
@@ -113,7 +118,9 @@ def upcycle_checkpoint(dense_workdir: str, moe_workdir: str, moe_config, *, nois
                                 moe_config)
   # Placed like a fresh state so that the checkpoint carries the training shardings.
   state = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding),
-                       {"step": dense_state["step"], "params": params, "opt_state": opt_state},
+                       {"step": dense_state["step"], "params": params, "opt_state": opt_state,
+                        # The MoE continues the dense run's learning-rate schedule.
+                        "schedule_horizon": dense_state["schedule_horizon"]},
                        moe_template)
   evals = {"step": int(step),
            "dense": evaluate_params(dense_config, dense_graphdef, dense_state["params"], mesh),
@@ -151,7 +158,7 @@ def results_table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['name']} | {r['params']:,} | {r['step']} | {r['loss']:.4f} | "
-                 f"{r['bpb']:.4f} | {r['time']} |")
+                 f"{r['bpb']:.4f} ± {r['bpb_se']:.4f} | {r['time']} |")
   return "\n".join(lines)
 
 
@@ -218,15 +225,19 @@ def main(argv):
       {"name": "dense (source checkpoint)", "params": _count(dense_params), "step": step,
        "loss": start_evals["dense"]["eval/loss"],
        "bpb": start_evals["dense"]["eval/bits_per_byte"],
+       "bpb_se": start_evals["dense"]["eval/bits_per_byte_stderr"],
        "time": fmt(times["dense"]) if "dense" in times else "-"},
       {"name": "upcycled MoE, before training", "params": _count(moe_params), "step": step,
        "loss": start_evals["moe"]["eval/loss"], "bpb": start_evals["moe"]["eval/bits_per_byte"],
+       "bpb_se": start_evals["moe"]["eval/bits_per_byte_stderr"],
        "time": "-"},
       {"name": "dense, continued", "params": _count(dense_params), "step": final_step,
        "loss": dense_result["eval/loss"], "bpb": dense_result["eval/bits_per_byte"],
+       "bpb_se": dense_result["eval/bits_per_byte_stderr"],
        "time": fmt(dense_time)},
       {"name": "upcycled MoE, trained", "params": _count(moe_params), "step": final_step,
        "loss": moe_result["eval/loss"], "bpb": moe_result["eval/bits_per_byte"],
+       "bpb_se": moe_result["eval/bits_per_byte_stderr"],
        "time": fmt(moe_time)},
   ]
   moe = moe_config.model.moe
@@ -239,7 +250,12 @@ def main(argv):
       f"MoE: moe_every={moe_config.model.moe_every}, {moe.num_experts} experts of hidden "
       f"{moe.expert_hidden_dim} (= dense mlp_dim), top-{moe.top_k} renormalised, dropless; "
       f"noise_std {_NOISE_STD.value}, router init N(0, {_ROUTER_INIT_STD.value}^2); optimizer "
-      f"state upcycled. The MoE's FFN layers do {moe.top_k}x the dense FFN FLOPs per token. Wall "
+      f"state upcycled. Learning rate: {dense_config.train.get('schedule', 'cosine')} schedule "
+      f"over the dense run's horizon of {train.schedule_horizon(dense_config.train)} steps, "
+      "continued by both runs. Validation: mean ± standard error over evaluation batches "
+      f"({dense_config.data.eval_batches} x {dense_config.data.batch_size} chunks spread over the "
+      f"split). Corpus: {data.describe_fingerprint(data.corpus_fingerprint(dense_config.data))}. "
+      f"The MoE's FFN layers do {moe.top_k}x the dense FFN FLOPs per token. Wall "
       "times are this invocation's training (with compilation); a resumed run shows only its "
       "own part.\n\n"
       f"Command: `{' '.join(['python'] + sys.argv)}`\n\n")

@@ -26,9 +26,11 @@ for hosts without TensorFlow, and "auto" picks seqio when it imports.
 """
 from collections.abc import Iterator
 import glob
+import hashlib
 import math
 import os
 import pathlib
+import platform
 import sysconfig
 import zlib
 
@@ -41,9 +43,10 @@ VOCAB_SIZE = 259
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SPECIAL_IDS = 3
 
-# Built token arrays, keyed by (task, path, split, seq_len, reader). Arrays are read-only so that
-# no caller can corrupt what later calls get.
-_CACHE: dict[tuple[str, str, str, int, str], np.ndarray] = {}
+# Built token arrays and the stream offset where each document starts, keyed by
+# (task, path, split, seq_len, reader). Arrays are read-only so that no caller can corrupt what
+# later calls get.
+_CACHE: dict[tuple[str, str, str, int, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def bits_per_byte(loss_nats: float) -> float:
@@ -189,22 +192,70 @@ def _pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
   return stream[:num_chunks * (seq_len + 1)].astype(np.uint16).reshape(num_chunks, seq_len + 1)
 
 
+def _document_starts(docs: list[bytes]) -> np.ndarray:
+  """Stream offset of each document's first token (each document is len + 1 tokens): int64 [n]."""
+  lengths = np.array([len(d) + 1 for d in docs], np.int64)
+  return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+
+def _build(task: str, path: str, split: str, seq_len: int,
+           reader: str) -> tuple[np.ndarray, np.ndarray]:
+  key = (task, path if task == "text_files" else "", split, seq_len, reader)
+  if key not in _CACHE:
+    docs = [d for _, d in documents(task, key[1], split)]
+    # Both readers build the same stream (tested), so document offsets come from the bytes.
+    stream = _seqio_stream(task, key[1], split) if reader == "seqio" else _numpy_stream(docs)
+    tokens = _pack(stream, seq_len)
+    starts = _document_starts(docs)
+    tokens.setflags(write=False)
+    starts.setflags(write=False)
+    _CACHE[key] = (tokens, starts)
+  return _CACHE[key]
+
+
 def build_tokens(task: str, path: str, split: str, seq_len: int, reader: str) -> np.ndarray:
   """The packed, read-only token array of a split: uint16 [N, seq_len + 1].
 
   Cached per process by (task, path, split, seq_len, reader); edits to the files after the first
   call are not seen.
   """
-  key = (task, path if task == "text_files" else "", split, seq_len, reader)
-  if key not in _CACHE:
-    if reader == "seqio":
-      stream = _seqio_stream(task, key[1], split)
-    else:
-      stream = _numpy_stream([d for _, d in documents(task, key[1], split)])
-    tokens = _pack(stream, seq_len)
-    tokens.setflags(write=False)
-    _CACHE[key] = tokens
-  return _CACHE[key]
+  return _build(task, path, split, seq_len, reader)[0]
+
+
+def corpus_fingerprint(data_config) -> dict:
+  """What names the corpus a number was measured on: task, interpreter, files and bytes per split.
+
+  The stdlib corpus is whatever standard library the running interpreter has, so results change
+  with the Python version; every result records this dict. `file_list_sha256` hashes the sorted
+  (split, name, size) lines and `content_sha256` the bytes themselves (first 16 hex digits each).
+
+  Returns:
+    {"task", "path", "python", "implementation", "splits": {split: {"files", "bytes"}},
+     "file_list_sha256", "content_sha256"}.
+  """
+  task, path = data_config.task, data_config.get("path", "") or ""
+  names, contents = hashlib.sha256(), hashlib.sha256()
+  splits = {}
+  for split in SPLITS:
+    docs = documents(task, path, split)
+    splits[split] = {"files": len(docs), "bytes": sum(len(d) for _, d in docs)}
+    for name, body in docs:
+      names.update(f"{split}\t{name}\t{len(body)}\n".encode())
+      contents.update(body)
+  return {"task": task, "path": path if task == "text_files" else "",
+          "python": platform.python_version(), "implementation": platform.python_implementation(),
+          "splits": splits, "file_list_sha256": names.hexdigest()[:16],
+          "content_sha256": contents.hexdigest()[:16]}
+
+
+def describe_fingerprint(fingerprint: dict) -> str:
+  """One line for logs and tables, e.g. 'stdlib_bytes (CPython 3.11.7): 1690 train files ...'."""
+  splits = ", ".join(f"{v['files']} {k} files / {v['bytes']:,} bytes"
+                     for k, v in fingerprint["splits"].items())
+  where = f" {fingerprint['path']}" if fingerprint.get("path") else ""
+  return (f"{fingerprint['task']}{where} ({fingerprint['implementation']} {fingerprint['python']}): "
+          f"{splits}; files {fingerprint['file_list_sha256']}, "
+          f"content {fingerprint['content_sha256']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +270,15 @@ class TokenDataset:
     name: a description ("task/split") used in error messages.
   """
 
-  def __init__(self, tokens: np.ndarray, name: str = "dataset"):
+  def __init__(self, tokens: np.ndarray, name: str = "dataset",
+               document_starts: np.ndarray | None = None):
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"{name}: tokens must be [N, S+1] with S >= 1, got shape {tokens.shape}.")
     self.tokens = tokens
     self.name = name
+    # Stream offset of each document's first token; None = one document (no file boundaries).
+    self.document_starts = (np.zeros((1,), np.int64) if document_starts is None
+                            else np.asarray(document_starts, np.int64))
     self._permutations: dict[tuple[int, int], np.ndarray] = {}
 
   def __len__(self) -> int:
@@ -273,25 +328,85 @@ class TokenDataset:
       chunk_ids[in_epoch] = self._permutation(seed, int(epoch))[offsets[in_epoch]]
     return self._batch(chunk_ids)
 
+  def document_chunks(self) -> tuple[np.ndarray, np.ndarray]:
+    """First and last chunk holding a token of each document: (int64 [n], int64 [n]).
+
+    A document that lies wholly in the dropped trailing partial chunk has first > last.
+    """
+    chunk_len = self.tokens.shape[1]
+    stream_len = len(self) * chunk_len
+    ends = np.append(self.document_starts[1:], max(stream_len, self.document_starts[-1] + 1))
+    first = self.document_starts // chunk_len
+    last = np.minimum((ends - 1) // chunk_len, len(self) - 1)
+    return first, last
+
+  def eval_chunks(self, num_chunks: int) -> np.ndarray:
+    """The evaluation sample: `num_chunks` chunk indices spread over the whole split, sorted.
+
+    A systematic sample (chunk floor((i + 1/2) N / n) for i < n, one per equal stretch of the
+    split), in which every document with a token in the packed split is represented: a document
+    that no sampled chunk touches gets the chunk holding its middle token instead of a systematic
+    one. Deterministic: a function of the split and n only. With n >= N it is the whole split.
+    When there are more documents than chunks to sample, a plain systematic sample is returned
+    (not every document can be represented).
+    """
+    total = len(self)
+    if num_chunks >= total:
+      return np.arange(total)
+    first, last = self.document_chunks()
+    in_split = first <= last
+    middles = ((first + last) // 2)[in_split]
+    first, last = first[in_split], last[in_split]
+
+    def systematic(count):
+      return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
+
+    if len(middles) > num_chunks:
+      return systematic(num_chunks)
+    systematic_count = num_chunks
+    while True:
+      picked = systematic(systematic_count)
+      # A document is touched when a picked chunk lies in [first, last].
+      touched = np.searchsorted(picked, last, side="right") > np.searchsorted(picked, first)
+      chosen = np.union1d(picked, middles[~touched])
+      if len(chosen) <= num_chunks:
+        break
+      systematic_count -= len(chosen) - num_chunks
+    if len(chosen) < num_chunks:  # Duplicated middles left room: top up with unpicked chunks.
+      spare = np.setdiff1d(systematic(num_chunks), chosen)
+      chosen = np.union1d(chosen, spare[:num_chunks - len(chosen)])
+    return chosen
+
   def eval_batches(self, batch_size: int, num_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """Up to `num_batches` full batches of the first chunks in order (no shuffle, no wrap).
+    """`num_batches` batches of the evaluation sample (`eval_chunks(batch_size * num_batches)`).
+
+    The sampled chunks are put in a fixed shuffled order (seed 0), so that every batch mixes
+    all regions of the split and per-batch losses are comparable (their spread gives the standard
+    error). When the split has fewer chunks than asked, it is evaluated whole: fewer batches, the
+    last one padded with rows of weight 0.
 
     Args:
       batch_size: B, > 0.
-      num_batches: the most batches to yield.
+      num_batches: batches to yield (the sample holds B * num_batches chunks).
 
     Returns:
       An iterator of batches shaped like `train_batch`'s.
-
-    Raises:
-      ValueError: if not even one full batch exists.
     """
-    count = min(num_batches, len(self) // batch_size) if batch_size > 0 else 0
-    if count <= 0:
-      raise ValueError(f"{self.name} has {len(self)} chunks: not one evaluation batch of "
-                       f"batch_size={batch_size} (num_batches={num_batches}). Use a smaller "
-                       "data.batch_size or data.seq_len, or a larger corpus.")
-    return (self._batch(np.arange(b * batch_size, (b + 1) * batch_size)) for b in range(count))
+    if batch_size <= 0 or num_batches <= 0:
+      raise ValueError(f"{self.name}: need batch_size > 0 and num_batches > 0; got "
+                       f"batch_size={batch_size}, num_batches={num_batches}.")
+    chunks = self.eval_chunks(batch_size * num_batches)
+    chunks = chunks[np.random.default_rng(0).permutation(len(chunks))]
+    return (self._padded_batch(chunks[start:start + batch_size], batch_size)
+            for start in range(0, len(chunks), batch_size))
+
+  def _padded_batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """The batch of `rows`, padded to `batch_size` rows of weight 0."""
+    padding = batch_size - len(rows)
+    batch = self._batch(np.concatenate([rows, np.zeros(padding, np.int64)]))
+    if padding:
+      batch["weights"][len(rows):] = 0.0
+    return batch
 
   def unigram_entropy_bits(self) -> float:
     """Entropy (bits/token) of the targets' empirical token distribution: the unigram baseline."""
@@ -326,10 +441,10 @@ def load_dataset(data_config, split: str) -> TokenDataset:
     raise ValueError(f"data.seq_len={seq_len!r} is not allowed; allowed: an integer >= 1.")
   if task == "text_files" and not path:
     raise ValueError(f"data.path={path!r} is empty; task 'text_files' needs a glob of files.")
-  tokens = build_tokens(task, path, split, seq_len, _resolve_reader(reader))
+  tokens, document_starts = _build(task, path, split, seq_len, _resolve_reader(reader))
   name = f"task {task!r} split {split!r}" + (
       f" (data.path={path!r})" if task == "text_files" else "")
   if len(tokens) == 0:
     raise ValueError(f"{name} is too small for one chunk of data.seq_len + 1 = {seq_len + 1} "
                      "tokens; lower data.seq_len or add data.")
-  return TokenDataset(tokens, name)
+  return TokenDataset(tokens, name, document_starts)

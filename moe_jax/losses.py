@@ -45,7 +45,8 @@ def experts_per_token(decision: RoutingDecision, num_ffn_experts: int) -> jax.Ar
 
 
 def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | None = None,
-                             num_segments: int = 1) -> jax.Array:
+                             num_segments: int = 1, expert_weight: jax.Array | None = None
+                             ) -> jax.Array:
   """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
       loss = E * sum_i f_i * P_i,
@@ -58,11 +59,15 @@ def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | No
   `segments` [T] int in [0, num_segments) (the micro-batch of each token), f_i and P_i are taken
   within each micro-batch and the loss is the mean over micro-batches of E * sum_i f_i P_i; with one
   segment it is the global-batch loss.
+
+  `expert_weight` [E] (eta_i) weights each expert's term, E * sum_i eta_i f_i P_i: MoE++'s
+  heterogeneous load balance loss (`zero_expert_balance_weights`). None = 1 for every expert.
   """
+  eta = 1.0 if expert_weight is None else jnp.asarray(expert_weight, jnp.float32)
   if segments is None or num_segments == 1:
     load = jax.lax.stop_gradient(expert_load(decision))
     mean_prob = _valid_mean(decision.router_probs, decision.valid)
-    return decision.num_experts * jnp.sum(load * mean_prob)
+    return decision.num_experts * jnp.sum(eta * load * mean_prob)
   num_experts = decision.num_experts
   valid = decision.valid.astype(jnp.float32)
   onehot = jax.nn.one_hot(decision.expert_index, num_experts, dtype=jnp.float32).sum(axis=1)
@@ -71,7 +76,33 @@ def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | No
   prob_sum = jax.ops.segment_sum(decision.router_probs * valid[:, None], segments, num_segments)
   tokens = jax.ops.segment_sum(valid, segments, num_segments)
   mean_prob = prob_sum / jnp.maximum(tokens, 1.0)[:, None]
-  return num_experts * jnp.mean(jnp.sum(load * mean_prob, axis=-1))
+  return num_experts * jnp.mean(jnp.sum(eta * load * mean_prob, axis=-1))
+
+
+def zero_expert_balance_weights(num_outputs: int, zero_computation: tuple[int, int],
+                                tau: float) -> jax.Array:
+  """eta [E'] of the heterogeneous load balance loss of MoE++ (Jin et al. 2024, "MoE++:
+  Accelerating Mixture-of-Experts Methods with Zero-Computation Experts", the loss L_b):
+
+      L_b = sum_{i=1}^{N+M} eta_i f_i P_i,   eta_i = 1 for an FFN expert, tau for a
+      zero-computation (zero, copy or constant) expert,
+
+  with N FFN and M zero-computation experts; tau sets how many tokens the loss steers to the
+  zero-computation experts relative to the FFN ones (tau < 1 balances them less strictly, so
+  tokens may crowd them, saving FFN compute). tau = 1 is the ordinary balance loss over all N + M
+  outputs. Here f_i and P_i are those of `switch_load_balance_loss` (with its factor E'), which
+  differ from the paper's f_i (fraction of tokens) by constant factors only, absorbed by the loss
+  weight. Null experts (AdaMoE) are not MoE++ experts and keep weight 1.
+
+  Args:
+    num_outputs: E', the router outputs.
+    zero_computation: [start, stop) ids of the zero-computation experts
+      (`zero_experts.expert_ranges`: zero, copy and constant are contiguous).
+    tau: their weight, >= 0.
+  """
+  start, stop = zero_computation
+  ids = jnp.arange(num_outputs)
+  return jnp.where((ids >= start) & (ids < stop), jnp.float32(tau), jnp.float32(1.0))
 
 
 def router_z_loss(decision: RoutingDecision) -> jax.Array:
@@ -106,18 +137,37 @@ def importance_loss(decision: RoutingDecision) -> jax.Array:
   return _squared_cv(jnp.sum(decision.router_probs * valid, axis=0))
 
 
-def noisy_load_loss(decision: RoutingDecision, noise_std: float, top_k: int) -> jax.Array:
-  """V-MoE load loss (Riquelme et al. 2021, App. A, eq. 8-10; Shazeer et al. 2017 eq. 8-10).
+def noisy_load_loss(decision: RoutingDecision, noise_std, top_k: int, *,
+                    exclude_self: bool = False) -> jax.Array:
+  """Load loss of noisy top-k: CV^2 of the smooth per-expert load estimates.
 
-      threshold(x) = K-th largest noisy logit;
-      P_i(x) = Pr[(W x)_i + eps_new >= threshold(x)] = 1 - Phi((threshold(x) - (W x)_i) / std);
+      P_i(x) = Pr[(W x)_i + std_i(x) * eps_new >= threshold_i(x)]
+             = 1 - Phi((threshold_i(x) - (W x)_i) / std_i(x));
       load_i(X) = sum over tokens of P_i(x);   loss = CV(load)^2.
 
-  Needs the noisy logits of a noisy top-k decision; without noise (evaluation) it returns 0.
+  Two variants of the threshold and the std, one per paper:
+    * V-MoE (Riquelme et al. 2021, App. A, eq. 8-10): a fixed `noise_std` (a number) and
+      threshold(x) = the K-th largest noisy logit (`exclude_self=False`).
+    * Shazeer et al. 2017 (eq. 8-10): the learned std_i(x) = Softplus((x W_noise)_i) ([T, E],
+      `decision.noise_std`) and threshold_i(x) = kth_excluding(H(x), K, i), the K-th largest noisy
+      logit of the other experts (`exclude_self=True`): the K+1-th largest for an expert in the
+      top K, the K-th otherwise.
+
+  Args:
+    decision: a noisy top-k decision; without noise (evaluation) the loss is 0.
+    noise_std: a number or an array broadcastable to [T, E] (None or <= 0: no noise, loss 0).
+    top_k: K.
+    exclude_self: Shazeer et al.'s kth_excluding threshold (with K = E every expert is always
+      picked: every P_i = 1 and the loss is 0).
   """
-  if decision.noisy_logits is None or noise_std <= 0:
+  if decision.noisy_logits is None or noise_std is None or (
+      isinstance(noise_std, (int, float)) and noise_std <= 0) or (
+      exclude_self and top_k >= decision.num_experts):
     return jnp.zeros((), jnp.float32)
-  threshold = jax.lax.top_k(decision.noisy_logits, top_k)[0][:, -1:]
+  top = jax.lax.top_k(decision.noisy_logits, top_k + 1 if exclude_self else top_k)[0]
+  threshold = top[:, top_k - 1:top_k]  # K-th largest
+  if exclude_self:  # an expert at or above the K-th largest is in the top K: the next one counts
+    threshold = jnp.where(decision.noisy_logits >= threshold, top[:, top_k:top_k + 1], threshold)
   prob = 1.0 - jax.scipy.stats.norm.cdf((threshold - decision.router_logits) / noise_std)
   valid = decision.valid.astype(jnp.float32)[:, None]
   return _squared_cv(jnp.sum(prob * valid, axis=0))

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moe_jax import dispatch, expert_parallel, losses, router_state, routing, sharding
 from moe_jax.experts import Experts, apply_activation, batched_ffn, ffn_init
-from moe_jax.routers.soft import SoftRouter
+from moe_jax.routers.soft import SoftRouter, soft_routing_metrics
 from moe_jax.zero_experts import ZeroComputationExperts, renormalize_over_ffn_experts
 
 
@@ -84,7 +84,9 @@ class MoELayer(nnx.Module):
                                rngs=rngs, normalize=config.get("soft_normalize", True),
                                param_dtype=param_dtype)
     else:
-      self.router = routing.Router(d_model, num_outputs, rngs=rngs, param_dtype=param_dtype)
+      self.router = routing.Router(
+          d_model, num_outputs, rngs=rngs, param_dtype=param_dtype,
+          learned_noise=config.get("router_noise", "fixed") == "learned")
     self.experts = Experts(config.num_experts, d_model, config.expert_hidden_dim,
                            activation=activation, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                            gmm_backend=config.get("gmm_backend", "auto"))
@@ -147,8 +149,10 @@ class MoELayer(nnx.Module):
       tokens = tokens * jax.random.uniform(jitter_rng, tokens.shape, jnp.float32, 1 - eps,
                                            1 + eps).astype(tokens.dtype)
     bias = None if self.selection_bias is None else self.selection_bias[...]
+    # Noisy top-k with a learned std (Shazeer et al. 2017 eq. 4): training only, like the noise.
+    noise_std = self.router.noise_std(tokens) if rng is not None else None
     decision = routing.route(self.config, self.router(tokens), valid, rng=rng,
-                             selection_bias=bias, group_size=group_size)
+                             selection_bias=bias, group_size=group_size, noise_std=noise_std)
     if self.config.get("num_null_experts", 0) and self.config.get("normalize_top_k", True):
       # AdaMoE: null experts only make room; the kept FFN experts' weights sum to one again
       # (times DeepSeek-V3's routed scaling, which the renormalisation would otherwise undo).
@@ -215,12 +219,19 @@ class MoELayer(nnx.Module):
   def _sparse_aux(self, decision, dropped, batch_row, num_batch_rows) -> dict:
     """Weighted auxiliary loss and metrics; `batch_row` [T] is each token's sequence."""
     config = self.config
+    # MoE++'s heterogeneous balance loss: weight tau on the zero-computation experts' terms.
+    tau = config.get("zero_expert_balance_weight", 1.0)
+    eta = None
+    if tau != 1.0 and self.zero_experts is not None:
+      ranges = self.zero_experts.ranges  # zero, copy, constant: contiguous ids
+      eta = losses.zero_expert_balance_weights(
+          decision.num_experts, (ranges["zero"][0], ranges["constant"][1]), tau)
     if config.get("balance_scope", "global") == "micro_batch":
       per_micro = config.get("balance_micro_batch_size", 1)
       balance = losses.switch_load_balance_loss(decision, batch_row // per_micro,
-                                                -(-num_batch_rows // per_micro))
+                                                -(-num_batch_rows // per_micro), eta)
     else:
-      balance = losses.switch_load_balance_loss(decision)
+      balance = losses.switch_load_balance_loss(decision, expert_weight=eta)
     z_loss = losses.router_z_loss(decision)
     entropy = losses.router_entropy(decision)
     total = config.load_balance_loss_weight * balance + config.router_z_loss_weight * z_loss
@@ -236,8 +247,11 @@ class MoELayer(nnx.Module):
       aux["importance_loss"] = losses.importance_loss(decision)
       total = total + config.importance_loss_weight * aux["importance_loss"]
     if config.get("noisy_load_loss_weight", 0.0):
-      aux["noisy_load_loss"] = losses.noisy_load_loss(decision, config.router_noise_std,
-                                                      self.top_k)
+      # Learned std: Shazeer et al. 2017 eq. 8-10; fixed std: V-MoE (Riquelme et al. 2021).
+      learned = config.get("router_noise", "fixed") == "learned"
+      aux["noisy_load_loss"] = losses.noisy_load_loss(
+          decision, decision.noise_std if learned else config.get("router_noise_std", 0.0),
+          self.top_k, exclude_self=learned)
       total = total + config.noisy_load_loss_weight * aux["noisy_load_loss"]
     if config.router == "top_p":
       total = total + config.get("top_p_loss_weight", 0.0) * entropy
@@ -312,12 +326,11 @@ class MoELayer(nnx.Module):
                             dtype=self.dtype)
     slots_out = slots_out.reshape(self.num_experts, groups, per_expert, d_model).transpose(1, 0, 2, 3)
     y = jnp.einsum("gns,gsd->gnd", combine_w, slots_out.reshape(groups, -1, d_model))
-    uniform = jnp.full((self.num_experts,), 1.0 / self.num_experts, jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-    aux = {"loss": zero, "load_balance_loss": zero, "router_z_loss": zero, "expert_load": uniform,
-           "dropped_fraction": zero, "router_entropy": zero,
+    # Soft MoE has no balance or z-loss and drops nothing; its load and entropies are measured.
+    aux = {"loss": jnp.zeros((), jnp.float32), "dropped_fraction": jnp.zeros((), jnp.float32),
            # FFN passes per token, the FLOP-equivalent of experts per token.
-           "experts_per_token": jnp.asarray(self.num_experts * per_expert / group_size, jnp.float32)}
+           "experts_per_token": jnp.asarray(self.num_experts * per_expert / group_size, jnp.float32),
+           **soft_routing_metrics(dispatch_w, combine_w, group_valid, self.num_experts)}
     return y.reshape(num_tokens, d_model), aux
 
 

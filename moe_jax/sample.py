@@ -53,7 +53,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} does not exist: --workdir must be a training workdir "
                             "(python -m moe_jax.main --workdir=...).")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  saved.pop("corpus", None)  # the corpus fingerprint train.write_config adds is not config
+  return ml_collections.ConfigDict(saved)
 
 
 def single_device_mesh():

@@ -79,19 +79,77 @@ def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def make_optimizer(train_config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay and global-norm clipping; decay on matrices only."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_config.learning_rate,
-      warmup_steps=train_config.warmup_steps,
-      decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
-      end_value=train_config.learning_rate * train_config.end_learning_rate_fraction)
+SCHEDULES = ("cosine", "wsd")
+
+
+def schedule_horizon(train_config) -> int:
+  """The step count the learning-rate schedule is laid out over: train.schedule_steps or steps."""
+  return train_config.get("schedule_steps", 0) or train_config.steps
+
+
+def make_schedule(train_config, horizon: int | None = None) -> optax.Schedule:
+  """The learning rate per step over `horizon` steps (default `schedule_horizon(train_config)`).
+
+  "cosine": linear warmup to the peak, cosine decay to `end_learning_rate_fraction` * peak at
+  the horizon. "wsd" (warmup-stable-decay; Hu et al., "MiniCPM", 2024, Sec. 4.1; DeepSeek-V3 2024
+  keeps a constant rate before its decay): linear warmup, the peak held, then a linear decay to
+  the end value over the last `decay_fraction` of the horizon. Both hold the end value after the
+  horizon, so a run continued past it never sees the rate jump back up. A WSD run can be extended
+  (a larger horizon) while it is in its stable phase without changing any rate it already used.
+  """
+  horizon = horizon or schedule_horizon(train_config)
+  peak, warmup = train_config.learning_rate, train_config.warmup_steps
+  end = peak * train_config.end_learning_rate_fraction
+  kind = train_config.get("schedule", "cosine")
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(horizon, warmup + 1), end_value=end)
+  if kind == "wsd":
+    decay = max(1, round(train_config.get("decay_fraction", 0.1) * horizon))
+    stable_end = max(warmup, horizon - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+         optax.constant_schedule(peak),
+         optax.linear_schedule(peak, end, max(horizon - stable_end, 1))],
+        boundaries=[warmup, stable_end])
+  raise ValueError(f"train.schedule={kind!r} is not one of {SCHEDULES}.")
+
+
+def make_optimizer(train_config, horizon: int | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW on `make_schedule(train_config, horizon)` with global-norm clipping; decay on matrices."""
+  schedule = make_schedule(train_config, horizon)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
   adamw = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
                       weight_decay=train_config.weight_decay, mask=decay_mask)
   if train_config.grad_clip_norm:
     return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
   return adamw, schedule
+
+
+def resumed_horizon(train_config, saved: int | None, step: int) -> tuple[int, str]:
+  """The schedule horizon of a run resumed at `step` whose checkpoint saved horizon `saved`.
+
+  A resume never changes the schedule silently: with `train.schedule_steps` unset (0) the saved
+  horizon is kept even when `train.steps` grew (steps past it hold the final rate); an explicit
+  `train.schedule_steps` replaces it. Returns (horizon, a log line saying which happened).
+  """
+  requested = train_config.get("schedule_steps", 0) or 0
+  if saved is None:  # a checkpoint written before horizons were saved
+    horizon = schedule_horizon(train_config)
+    return horizon, (f"checkpoint holds no schedule horizon; using {horizon} from the config")
+  if requested and requested != saved:
+    old = float(make_schedule(train_config, saved)(step))
+    new = float(make_schedule(train_config, requested)(step))
+    return requested, (f"train.schedule_steps={requested} replaces the saved schedule horizon "
+                       f"{saved}: learning rate at step {step} {old:.3g} -> {new:.3g}")
+  if train_config.steps > saved:
+    final = float(make_schedule(train_config, saved)(saved))
+    return saved, (f"keeping the saved schedule horizon {saved} (train.steps={train_config.steps}):"
+                   f" steps past {saved} hold the final learning rate {final:.3g}; set "
+                   "train.schedule_steps to lay the schedule over a new horizon")
+  return saved, f"schedule horizon {saved} (saved with the checkpoint)"
 
 
 def optimizer_shardings(tx, params, param_shardings, mesh):
@@ -133,7 +191,8 @@ def train_step(state: State, batch: dict, *, graphdef, tx, seed: int = 0) -> tup
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": ce_loss, "total_loss": total, "grad_norm": optax.tree.norm(grads)}
   metrics.update({f"aux/{name}": value for name, value in aux.items()})
-  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  # Other entries (the schedule horizon) pass through unchanged.
+  new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
   if new_router_state is not None:
     new_state["router_state"] = jax.lax.stop_gradient(new_router_state)
   return new_state, metrics
@@ -194,23 +253,44 @@ def _device_batch(np_batch: dict, batch_sharding, global_batch: int) -> dict:
 
 def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding,
              router_state=None) -> dict:
-  """Validation loss (nats/token) and bits per byte over `config.data.eval_batches` batches."""
-  ce_sum, weight_sum = 0.0, 0.0
+  """Validation loss over the evaluation sample (`TokenDataset.eval_batches`), with its error bar.
+
+  The sample is `config.data.eval_batches` batches of chunks spread over the whole split (every
+  file represented; the whole split when it is smaller). The loss is the token-weighted mean over
+  the sample; its standard error is std(per-batch means, ddof=1) / sqrt(batches), NaN with one batch.
+
+  Returns:
+    {"eval/loss", "eval/loss_stderr" (nats/token), "eval/bits_per_byte",
+     "eval/bits_per_byte_stderr", "eval/batches", "eval/tokens"}.
+  """
+  ce_sums, weight_sums = [], []
   batch_size = config.data.batch_size
   rows = sharding.process_batch_rows(batch_sharding, batch_size)
   for np_batch in eval_dataset.eval_batches(batch_size, config.data.eval_batches):
     local = {k: v[rows] for k, v in np_batch.items()}
     extra = (router_state,) if router_state else ()
     out = jax.device_get(eval_fn(params, _device_batch(local, batch_sharding, batch_size), *extra))
-    ce_sum += float(out["ce_sum"])
-    weight_sum += float(out["weight_sum"])
-  loss = ce_sum / max(weight_sum, 1.0)
-  return {"eval/loss": loss, "eval/bits_per_byte": data.bits_per_byte(loss)}
+    ce_sums.append(float(out["ce_sum"]))
+    weight_sums.append(float(out["weight_sum"]))
+  ce_sums, weight_sums = np.array(ce_sums), np.array(weight_sums)
+  loss = ce_sums.sum() / max(weight_sums.sum(), 1.0)
+  batch_means = ce_sums / np.maximum(weight_sums, 1.0)
+  full = weight_sums == weight_sums.max()  # a padded last batch (whole small split) is left out
+  stderr = (float(np.std(batch_means[full], ddof=1) / math.sqrt(full.sum()))
+            if full.sum() > 1 else float("nan"))
+  return {"eval/loss": loss, "eval/loss_stderr": stderr,
+          "eval/bits_per_byte": data.bits_per_byte(loss),
+          "eval/bits_per_byte_stderr": data.bits_per_byte(stderr),
+          "eval/batches": len(ce_sums), "eval/tokens": int(weight_sums.sum())}
 
 
-def write_config(config, workdir: str) -> None:
+def write_config(config, workdir: str, corpus: dict | None = None) -> None:
+  """Writes WORKDIR/config.json: the resolved config, with the corpus fingerprint as "corpus"."""
+  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+  if corpus is not None:
+    resolved["corpus"] = corpus
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    json.dump(resolved, f, indent=2, sort_keys=True)
 
 
 def train_and_evaluate(config, workdir: str, *,
@@ -224,8 +304,9 @@ def train_and_evaluate(config, workdir: str, *,
       (tests use it to record losses and to simulate preemption).
 
   Returns:
-    {"step", "train/loss", "eval/loss", "eval/bits_per_byte", "preempted", "eval_history" (a list of
-    (step, eval loss, bits per byte) for every evaluation of this call), "train/tokens_per_s" (mean
+    {"step", "train/loss", "eval/loss", "eval/bits_per_byte" and the other `evaluate` entries,
+    "preempted", "corpus" (`data.corpus_fingerprint`), "eval_history" (a list of (step, eval loss,
+    bits per byte, its standard error) for every evaluation of this call), "train/tokens_per_s" (mean
     over the steps of this call after the first, which includes compilation; absent when fewer
     than two steps ran)}.
   """
@@ -237,30 +318,42 @@ def train_and_evaluate(config, workdir: str, *,
   # Built outside the mesh context: under a mesh, nnx.eval_shape reads logical names as mesh axes.
   graphdef, params, param_shardings = build_model(config, mesh)
   router_state = init_router_state(config, mesh)
+  corpus = data.corpus_fingerprint(config.data)
+  logging.info("Corpus %s.", data.describe_fingerprint(corpus))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    write_config(config, workdir)
+    write_config(config, workdir, corpus)
   # The mesh in context lets layers with manual collectives (expert parallelism) find their axes.
   with jax.set_mesh(mesh):
-    return _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params,
-                       param_shardings, router_state, step_callback)
+    result = _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params,
+                         param_shardings, router_state, step_callback)
+  result["corpus"] = corpus
+  return result
 
 
 def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, param_shardings,
                 router_state, step_callback) -> dict:
   """The body of `train_and_evaluate`, run with `mesh` set."""
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size, jax.default_backend())
+  eval_chunks = len(eval_data.eval_chunks(config.data.batch_size * config.data.eval_batches))
+  logging.info("Evaluation sample: %d of %d validation chunks (%s), spread over the split.",
+               eval_chunks, len(eval_data),
+               "the whole split" if eval_chunks == len(eval_data) else
+               f"{config.data.eval_batches} batches of {config.data.batch_size}")
   logging.info("Data %s: %d train / %d validation sequences of %d tokens; train unigram entropy "
                "%.3f bits/byte (the loss a context-free model reaches).", config.data.task,
                len(train_data), len(eval_data), config.data.seq_len,
                train_data.unigram_entropy_bits())
 
   logging.info("Model: %s parameters.", f"{count_params(params):,}")
-  tx, schedule = make_optimizer(config.train)
+  horizon = schedule_horizon(config.train)
+  tx, schedule = make_optimizer(config.train, horizon)
   opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_shardings,
                                                                mesh))(params)
-  step0 = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
-  state = {"step": step0, "params": params, "opt_state": opt_state}
+  replicated_int = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), sharding.replicated(mesh))
+  # The schedule horizon travels with the checkpoint, so a resume cannot change it silently.
+  state = {"step": replicated_int(0), "params": params, "opt_state": opt_state,
+           "schedule_horizon": replicated_int(horizon)}
   if router_state:
     state["router_state"] = router_state
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -271,8 +364,24 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   if latest is not None:
-    state = ckpt.restore(latest, state)
+    try:
+      state = ckpt.restore(latest, state)
+      saved_horizon = int(jax.device_get(state["schedule_horizon"]))
+    except (ValueError, KeyError) as e:  # written before the horizon was saved
+      logging.warning("Checkpoint %d has no schedule horizon (%s).", latest, e)
+      state = dict(ckpt.restore(latest, {k: v for k, v in state.items()
+                                         if k != "schedule_horizon"}),
+                   schedule_horizon=state["schedule_horizon"])
+      saved_horizon = None
     logging.info("restored step %d from %s", latest, os.path.join(ckpt.directory, str(latest)))
+    horizon, message = resumed_horizon(config.train, saved_horizon, latest)
+    logging.info("Learning-rate schedule %r: %s.", config.train.get("schedule", "cosine"), message)
+    if horizon != saved_horizon:
+      state["schedule_horizon"] = replicated_int(horizon)
+    tx, schedule = make_optimizer(config.train, horizon)  # same state structure, new horizon
+  else:
+    logging.info("Learning-rate schedule %r over %d steps.", config.train.get("schedule", "cosine"),
+                 horizon)
 
   step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, seed=config.seed),
                     in_shardings=(state_shardings, batch_sharding),
@@ -331,11 +440,15 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
                                 batch_sharding=batch_sharding,
                                 router_state=state.get("router_state"))
         writer.write_scalars(step, eval_metrics)
-        logging.info("step %d/%d eval loss %.4f (%.4f bits/byte)", step, total_steps,
-                     eval_metrics["eval/loss"], eval_metrics["eval/bits_per_byte"])
+        logging.info("step %d/%d eval loss %.4f ± %.4f (%.4f ± %.4f bits/byte; mean ± standard "
+                     "error over %d batches, %d tokens)", step, total_steps,
+                     eval_metrics["eval/loss"], eval_metrics["eval/loss_stderr"],
+                     eval_metrics["eval/bits_per_byte"], eval_metrics["eval/bits_per_byte_stderr"],
+                     eval_metrics["eval/batches"], eval_metrics["eval/tokens"])
         result.update(eval_metrics)
         result["eval_history"].append((step, eval_metrics["eval/loss"],
-                                       eval_metrics["eval/bits_per_byte"]))
+                                       eval_metrics["eval/bits_per_byte"],
+                                       eval_metrics["eval/bits_per_byte_stderr"]))
       if step % config.train.checkpoint_every == 0 or is_last or stop:
         ckpt.save(step, state)
         logging.info("saved checkpoint for step %d in %s", step, ckpt.directory)

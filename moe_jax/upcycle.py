@@ -105,8 +105,11 @@ def _map_tree(dense: Params, template: Params, moe_every: int, expert_fn, router
       dense_ffn = dense_block["ffn"]
       experts = {name: expert_fn(name, dense_ffn[name], leaf, int(i))
                  for name, leaf in ffn_template["experts"].items()}
-      block["ffn"] = {"router": {"kernel": router_fn(ffn_template["router"]["kernel"], int(i))},
-                      "experts": experts}
+      router = {"kernel": router_fn(ffn_template["router"]["kernel"], int(i))}
+      if "noise_kernel" in ffn_template["router"]:  # learned noisy top-k: W_noise starts at 0
+        leaf = ffn_template["router"]["noise_kernel"]
+        router["noise_kernel"] = jnp.zeros(leaf.shape, leaf.dtype)
+      block["ffn"] = {"router": router, "experts": experts}
       unknown = set(ffn_template) - {"router", "experts"}
       if unknown:
         raise ValueError(f"blocks/{i}/ffn: no upcycling rule for MoE parameters {sorted(unknown)}.")

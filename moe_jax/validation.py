@@ -86,6 +86,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check("model.moe.ep_exchange", f"one of {expert_parallel.EXCHANGES}",
           lambda v: v in expert_parallel.EXCHANGES)
     _check_router_fields(problems, config, check)
+    _check_causal_routing(problems, config)
     group_size = moe.get("group_size", 0)
     tokens = config.data.batch_size * config.data.seq_len
     if moe.get("capacity_factor") is not None and _positive_int(group_size) and tokens % group_size:
@@ -106,6 +107,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
   for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     check(f"train.{name}", "a positive integer", _positive_int)
   check("train.warmup_steps", "an integer >= 0", _nonnegative_int)
+  _check_schedule(problems, config.train)
   check("train.learning_rate", "a number > 0", lambda v: _nonnegative_number(v) and v > 0)
   check("train.grad_clip_norm", "a number >= 0 (0 disables clipping)", _nonnegative_number)
   check("train.weight_decay", "a number >= 0", _nonnegative_number)
@@ -137,17 +139,25 @@ def _check_router_fields(problems: list[str], config, check) -> None:
         lambda v: v in routing.SCORE_FUNCTIONS)
   check("model.moe.balance_scope", f"one of {losses.BALANCE_SCOPES}",
         lambda v: v in losses.BALANCE_SCOPES)
-  check("model.moe.balance_micro_batch_size",
-        f"a positive integer dividing data.batch_size={config.data.get('batch_size')}",
-        lambda v: _positive_int(v) and config.data.batch_size % v == 0)
+  if moe.get("balance_scope", "global") == "micro_batch":  # only used there
+    check("model.moe.balance_micro_batch_size",
+          f"a positive integer dividing data.batch_size={config.data.get('batch_size')}",
+          lambda v: _positive_int(v) and config.data.batch_size % v == 0)
   for name in ("bias_update_rate", "router_jitter", "router_noise_std", "top_p_loss_weight",
                "importance_loss_weight", "noisy_load_loss_weight"):
     check(f"model.moe.{name}", "a number >= 0", _nonnegative_number)
   check("model.moe.router_jitter", "a number in [0, 1)", lambda v: v < 1)
+  check("model.moe.router_noise", f"one of {routing.ROUTER_NOISES}",
+        lambda v: v in routing.ROUTER_NOISES)
+  if moe.get("router_noise", "fixed") == "learned" and (
+      router != "token_choice" or moe.get("router_noise_std", 0)):
+    problems.append("config.model.moe.router_noise='learned' needs router='token_choice' and "
+                    "router_noise_std=0 (the std is learned: Softplus(x W_noise)).")
   check("model.moe.routed_scaling_factor", "a number > 0", lambda v: _number(v) and v > 0)
   for name in ("num_zero_experts", "num_copy_experts", "num_constant_experts",
                "num_null_experts"):
     check(f"model.moe.{name}", "an integer >= 0", _nonnegative_int)
+  check("model.moe.zero_expert_balance_weight", "a number >= 0 (MoE++ tau)", _nonnegative_number)
   experts = moe.get("num_experts")
   if _positive_int(experts):
     check("model.moe.num_expert_groups", f"a positive integer dividing num_experts={experts}",
@@ -156,6 +166,8 @@ def _check_router_fields(problems: list[str], config, check) -> None:
     if _positive_int(groups) and experts % groups == 0:
       check("model.moe.top_k_groups", f"an integer in [1, num_expert_groups={groups}]",
             lambda v: _positive_int(v) and v <= groups)
+      check("model.moe.group_score", f"one of {routing.GROUP_SCORES}",
+            lambda v: v in routing.GROUP_SCORES)
       top_k_groups = moe.get("top_k_groups", 1)
       if (groups > 1 and _positive_int(top_k_groups) and _positive_int(moe.get("top_k"))
           and moe.top_k > top_k_groups * experts // groups):
@@ -189,9 +201,85 @@ def _check_router_fields(problems: list[str], config, check) -> None:
   if moe.get("bias_update_rate", 0) and router != "token_choice":
     problems.append(f"config.model.moe.bias_update_rate={moe.bias_update_rate} needs "
                     f"router='token_choice' (got {router!r}): the bias steers top-k selection.")
-  if moe.get("noisy_load_loss_weight", 0) and not moe.get("router_noise_std", 0):
+  if moe.get("noisy_load_loss_weight", 0) and not (
+      moe.get("router_noise_std", 0) or moe.get("router_noise", "fixed") == "learned"):
     problems.append("config.model.moe.noisy_load_loss_weight > 0 needs router_noise_std > 0 "
-                    "(the load loss is defined by the selection noise).")
+                    "or router_noise='learned' (the load loss is defined by the selection noise).")
+
+
+def noncausal_routing(config) -> str | None:
+  """Why the MoE routing of `config` lets a token's output depend on later tokens, or None.
+
+  In a causal decoder every position must see only itself and earlier positions. A group that
+  holds several positions of one sequence breaks that for expert choice and soft MoE (a token's
+  selection / slot contents depend on the whole group), for capacity dropping (rank-major slot
+  claiming lets a later token's first choice take the slot an earlier token's second choice
+  needed; only top-1 with position priority is causal) and for batch-prioritized routing (a later,
+  more confident token claims capacity first). Groups of one position (`group_by="position"`,
+  `group_size` 0 or dividing the batch) hold one token per sequence and are causal.
+  """
+  moe = config.model.moe
+  if not config.model.get("moe_every", 0):
+    return None
+  router = moe.get("router", "token_choice")
+  capacity = moe.get("capacity_factor") is not None
+  by_score = moe.get("capacity_priority", "position") == "score"
+  sensitive = router in ("expert_choice", "soft") or (capacity and (
+      by_score or router not in ("token_choice", "random") or moe.get("top_k", 1) > 1))
+  if not sensitive:
+    return None
+  group_size = moe.get("group_size", 0) or 0
+  if moe.get("group_by", "sequence") == "position":
+    batch_size = config.data.get("batch_size", 0)
+    if group_size == 0 or (_positive_int(batch_size) and batch_size % group_size == 0):
+      return None
+    return (f"model.moe.group_by='position' with group_size={group_size} not dividing "
+            f"data.batch_size={batch_size} makes groups span positions")
+  if group_size == 1:
+    return None
+  what = (f"router={router!r}" if router in ("expert_choice", "soft") else
+          "capacity_priority='score' (batch-prioritized routing)" if capacity and by_score else
+          f"capacity_factor={moe.capacity_factor} (capacity dropping with "
+          f"top_k={moe.get('top_k')})")
+  return (f"model.moe.{what} with group_by='sequence' lets a token's output depend on later "
+          "tokens of its sequence")
+
+
+def _check_causal_routing(problems: list[str], config) -> None:
+  """A causal decoder must not see the future unless `model.moe.allow_noncausal` says so."""
+  if not config.model.get("causal", True):
+    # The decoder always masks attention causally and trains on next tokens; a bidirectional
+    # encoder needs another objective (masked prediction), which does not exist yet.
+    problems.append("config.model.causal=False is invalid; allowed: True (the only model is the "
+                    "causal decoder; a bidirectional encoder is not implemented).")
+    return
+  if config.model.moe.get("allow_noncausal", False):
+    return
+  reason = noncausal_routing(config)
+  if reason:
+    problems.append(
+        f"config.{reason} in this causal decoder, so its validation loss would not be a "
+        "language-model loss. Use config.model.moe.group_by='position' (groups of one position, "
+        "causal; group_size 0 or dividing data.batch_size), or set "
+        "config.model.moe.allow_noncausal=True to accept the leak.")
+
+
+def _check_schedule(problems: list[str], train_config) -> None:
+  """The learning-rate schedule fields of config.train (see configs/default.py)."""
+  from moe_jax import train  # the schedule list lives with the schedules
+
+  if "schedule" in train_config and train_config.schedule not in train.SCHEDULES:
+    problems.append(f"config.train.schedule={train_config.schedule!r} is invalid; allowed: one of "
+                    f"{train.SCHEDULES}.")
+  horizon = train_config.get("schedule_steps", 0)
+  warmup = train_config.get("warmup_steps", 0)
+  if not _nonnegative_int(horizon) or (horizon and _nonnegative_int(warmup) and horizon <= warmup):
+    problems.append(f"config.train.schedule_steps={horizon!r} is invalid; allowed: 0 (= train.steps"
+                    f" at the first start) or an integer > train.warmup_steps={warmup}.")
+  fraction = train_config.get("decay_fraction", 0.1)
+  if not (_number(fraction) and 0 < fraction <= 1):
+    problems.append(f"config.train.decay_fraction={fraction!r} is invalid; allowed: a number in "
+                    "(0, 1].")
 
 
 def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
@@ -223,3 +311,14 @@ def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
       problems.append(f"config.model.moe.group_size={moe.group_size} must divide the tokens each "
                       f"device holds ({local_tokens}) with expert parallelism: a capacity group "
                       "may not span devices.")
+  elif (_positive_int(batch_size) and sizes["expert"] > 1 and config.model.get("moe_every", 0)
+        and moe.get("capacity_factor") is not None and moe.get("router") != "soft"
+        and moe.get("group_by", "sequence") == "position" and not moe.get("group_size", 0)
+        and _positive_int(config.data.get("seq_len")) and config.data.seq_len % shards):
+    # Position groups transpose the batch to [S, B] tokens; the capacity shard_map splits those
+    # S * B rows over the batch shards, so each device must hold whole positions (groups of B).
+    problems.append(f"config.data.seq_len={config.data.seq_len} is invalid with "
+                    "model.moe.group_by='position', capacity dispatch and expert parallelism "
+                    f"(mesh.expert={sizes['expert']}); allowed: a multiple of the batch shards "
+                    f"{' * '.join(sharding.BATCH_AXES)} = {shards} of mesh {sizes} (each device "
+                    "holds seq_len / shards whole position groups), or group_by='sequence'.")

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from configs import default, deepseek_like, mixtral_like
-from moe_jax import targets
+from configs import default, deepseek_like, mixtral_like, routers
+from moe_jax import routing, targets
 from moe_jax.dispatch import expert_capacity
 from moe_jax.validation import validate_config
 
@@ -98,6 +98,26 @@ def test_allgather_ragged_padded_bytes_by_hand():
           padded["expected_rows_per_device"]} == {64}
 
 
+@pytest.mark.parametrize("router,extra,slots", [
+    ("token_choice", {}, 2), ("random", {}, 2), ("relu", {}, 4), ("top_p", {}, 4),
+    ("top_p", {"max_experts_per_token": 3}, 3), ("relu", {"num_zero_experts": 2}, 6),
+    ("token_choice", {"num_null_experts": 4}, 2)])
+def test_padded_exchange_counts_the_routers_slots(router, extra, slots):
+  """K = the decision's slots per token (E' for ReLU and top-p), not top_k: T_local * K rows."""
+  config = small_config(capacity_factor=None)
+  config.model.moe.router = router
+  config.model.moe.update(extra)
+  assert routing.slots_per_token(config.model.moe) == slots
+  out = cm.exchanged_bytes(config, {"fsdp": 2, "expert": 2}, "padded_all_to_all")
+  assert out["slots_per_token"] == slots
+  assert out["per_destination_bytes"] == 32 * slots * 8 * 4  # T_local * K * D * itemsize
+  assert out["combine_per_destination_bytes"] == 32 * slots * 8 * 4
+  assert out["metadata_per_device_bytes"] == 2 * 32 * slots * 4  # int32 ids [ep, T_local * K]
+  gather = cm.exchanged_bytes(config, {"fsdp": 2, "expert": 2}, "allgather")
+  assert gather["metadata_per_device_bytes"] == 2 * 32 * slots * 8
+  assert gather["per_device_bytes"] == 2 * 32 * 8 * 4  # the tokens do not depend on K
+
+
 def test_no_expert_parallelism_moves_nothing():
   config = small_config(capacity_factor=None)
   for mode in ("padded_all_to_all", "ragged_all_to_all", "allgather"):
@@ -118,6 +138,80 @@ def test_exchange_errors_are_clear():
     cm.exchanged_bytes(small_config(), {"pipeline": 2}, "allgather")
   with pytest.raises(ValueError, match="is not one of"):
     cm.exchanged_bytes(small_config(), {"expert": 2}, "telepathy")
+
+
+# ------------------------------------------------------------------------------- the traced layer
+#
+# The model's bytes against the collectives traced from the real expert-parallel layer (the
+# machinery of tests/test_expert_parallel.py), for every router family of configs/routers.py.
+
+# (variant, exchange, overrides of config.model.moe)
+TRACED = [(variant, exchange, {}) for variant in (
+    "token_choice", "token_choice_capacity", "expert_choice", "top_p", "relu", "random",
+    "moe_plus_plus", "null") for exchange in ("all_to_all", "allgather")] + [
+    # Expert choice's own capacity C = ceil(1.25 * N / E) on position groups of N = 8 tokens.
+    ("expert_choice", "all_to_all", {"capacity_factor": 1.25}),
+    ("relu", "all_to_all", {"capacity_factor": 1.0}),  # K = E slots through capacity buffers
+    ("top_p", "all_to_all", {"max_experts_per_token": 3}),
+    ("relu", "allgather", {"num_zero_experts": 2}),  # E' = 10 slots, 8 of them FFN experts
+]
+
+
+def _traced_layer(variant, exchange, overrides):
+  """(collectives of the EP forward as (primitive, per-device bytes), config, mesh sizes)."""
+  import functools
+
+  import jax
+  from moe_jax import data, sharding, train
+  from test_expert_parallel import _collectives, tiny_moe_config
+
+  config = tiny_moe_config(None, exchange, data=2, expert=4)
+  routers.apply_router(config, variant)
+  config.model.moe.update(overrides)
+  validate_config(config, num_devices=8)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params, _ = train.build_model(config, mesh)
+  router_state = train.init_router_state(config, mesh)
+  batch = data.load_dataset(config.data, "train").train_batch(0, config.data.batch_size, 0)
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(functools.partial(train.loss_fn, graphdef=graphdef))(
+        params, batch, router_state=router_state)
+  return _collectives(jaxpr.jaxpr), config, dict(mesh.shape)
+
+
+@pytest.mark.parametrize("variant,exchange,overrides", TRACED,
+                         ids=[f"{v}-{e}" + "".join(f"-{k}={x}" for k, x in o.items())
+                              for v, e, o in TRACED])
+def test_model_bytes_equal_the_traced_layers_collectives(variant, exchange, overrides):
+  """Every collective the EP layer traces, byte for byte: tokens, routing metadata, outputs."""
+  collectives, config, sizes = _traced_layer(variant, exchange, overrides)
+  mode = cm.config_mode(config)
+  expected = cm.exchanged_bytes(config, sizes, mode)
+  by_kind = {kind: [size for k, size in collectives if k == kind]
+             for kind in ("all_to_all", "all_gather", "reduce_scatter")}
+  if mode == "allgather":  # tokens, then ids, weights (and capacity priorities); reduce-scatter
+    assert not by_kind["all_to_all"], collectives
+    assert by_kind["all_gather"][0] == expected["per_device_bytes"], (collectives, expected)
+    assert sum(by_kind["all_gather"][1:]) == expected["metadata_per_device_bytes"], collectives
+    assert by_kind["reduce_scatter"] == [expected["combine_per_device_bytes"]], collectives
+  elif mode == "padded_all_to_all":  # tokens, local expert ids, outputs
+    assert not by_kind["all_gather"] and not by_kind["reduce_scatter"], collectives
+    assert by_kind["all_to_all"] == [expected["per_device_bytes"],
+                                     expected["metadata_per_device_bytes"],
+                                     expected["combine_per_device_bytes"]], (collectives, expected)
+  else:  # capacity buffers out and back; no metadata
+    assert by_kind["all_to_all"] == [expected["per_device_bytes"],
+                                     expected["combine_per_device_bytes"]], (collectives, expected)
+
+
+def test_soft_moe_has_no_ep_exchange_and_the_model_says_so():
+  """Soft MoE's experts run under GSPMD: no shard_map collective is traced, and the model refuses
+  rather than count an exchange the layer does not make."""
+  collectives, config, sizes = _traced_layer("soft", "all_to_all", {})
+  assert collectives == []
+  for mode in ("padded_all_to_all", "allgather"):
+    with pytest.raises(ValueError, match="router='soft' is not modelled"):
+      cm.exchanged_bytes(config, sizes, mode)
 
 
 # ------------------------------------------------------------------------------- time and units

@@ -95,6 +95,34 @@ def test_batch_must_split_over_batch_axes():
     validate_config(config, num_devices=8)
 
 
+@pytest.mark.parametrize("variant", ["expert_choice", "token_choice_capacity"])
+def test_position_groups_need_whole_positions_per_device_under_expert_parallelism(variant):
+  """group_by="position" transposes the batch to [S, B] tokens; the capacity shard_map splits those
+  S * B rows over data * fsdp * expert = 8 shards, so seq_len must be a multiple of 8 (each device
+  then holds seq_len / 8 whole position groups of B tokens)."""
+  from configs import routers
+
+  def config(seq_len, expert=4, **moe):
+    c = routers.apply_router(default.get_config("tiny"), variant)
+    c.model.moe.num_experts = 8
+    c.model.moe.update(moe)
+    c.mesh.data, c.mesh.expert = 8 // expert, expert
+    c.data.seq_len = seq_len
+    return c
+
+  assert config(20).model.moe.group_by == "position"
+  message = (r"config.data.seq_len=20 is invalid with model.moe.group_by='position', capacity "
+             r"dispatch and expert parallelism \(mesh.expert=4\); allowed: a multiple of the batch "
+             r"shards data \* fsdp \* expert = 8")
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config(20), num_devices=8)
+  validate_config(config(24), num_devices=8)  # 3 positions per device
+  validate_config(config(20, expert=1), num_devices=8)  # no shard_map: any seq_len
+  validate_config(config(20, group_size=4), num_devices=8)  # 20 local tokens, groups of 4
+  if variant == "token_choice_capacity":
+    validate_config(config(20, capacity_factor=None), num_devices=8)  # dropless: no groups in EP
+
+
 def test_text_files_task_needs_a_path():
   config = default.get_config()
   config.data.task = "text_files"

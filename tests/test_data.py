@@ -10,6 +10,7 @@ import zlib
 import ml_collections
 import numpy as np
 import pytest
+import seqio  # a hard dependency (setup.py): a broken install fails here, not skips
 
 from moe_jax import data
 
@@ -63,7 +64,6 @@ def _stream(docs):
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_readers_agree_on_synthetic(split):
-  pytest.importorskip("seqio")
   numpy_tokens = data.load_dataset(_config("synthetic", 32, "numpy"), split).tokens
   seqio_tokens = data.load_dataset(_config("synthetic", 32, "seqio"), split).tokens
   assert numpy_tokens.shape[1] == 33 and len(numpy_tokens) > 100
@@ -72,7 +72,6 @@ def test_readers_agree_on_synthetic(split):
 
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_readers_agree_on_text_files_with_binary_and_empty_files(text_dir, split):
-  pytest.importorskip("seqio")
   root, _ = text_dir
   pattern = str(root / "**" / "*")
   numpy_tokens = data.load_dataset(_config("text_files", 8, "numpy", pattern), split).tokens
@@ -83,7 +82,6 @@ def test_readers_agree_on_text_files_with_binary_and_empty_files(text_dir, split
 
 @pytest.mark.parametrize("split", ["validation", "train"])
 def test_readers_agree_on_stdlib(split):
-  pytest.importorskip("seqio")
   numpy_tokens = data.load_dataset(_config("stdlib_bytes", 128, "numpy"), split).tokens
   seqio_tokens = data.load_dataset(_config("stdlib_bytes", 128, "seqio"), split).tokens
   assert len(numpy_tokens) > 1000
@@ -91,7 +89,6 @@ def test_readers_agree_on_stdlib(split):
 
 
 def test_numpy_ids_match_seqio_byte_vocabulary():
-  seqio = pytest.importorskip("seqio")
   text = "héllo, wörld ✓\n"
   docs = data._numpy_stream([text.encode()])
   assert docs.tolist() == seqio.ByteVocabulary().encode(text) + [1]
@@ -231,15 +228,19 @@ def test_train_batch_shapes_dtypes_and_shift():
   assert batch["inputs"].min() >= 1 and batch["inputs"].max() < data.VOCAB_SIZE
 
 
-def test_eval_batches_are_the_first_chunks_in_order_and_only_full_batches():
+def test_eval_batches_cover_the_whole_small_split_once_and_sample_a_large_one():
   ds = _indexed_dataset(num_chunks=10)
-  batches = list(ds.eval_batches(batch_size=3, num_batches=8))
-  assert len(batches) == 3  # 10 // 3 full batches, although 8 were asked for.
-  np.testing.assert_array_equal(
-      np.concatenate([b["inputs"][:, 0] for b in batches]) - 1000, np.arange(9))
-  assert len(list(ds.eval_batches(batch_size=3, num_batches=2))) == 2
+  batches = list(ds.eval_batches(batch_size=3, num_batches=8))  # asks for more than the split
+  assert len(batches) == 4  # the whole split: 3 full batches and one with 2 padding rows
+  kept = np.concatenate([b["inputs"][b["weights"][:, 0] > 0, 0] for b in batches]) - 1000
+  np.testing.assert_array_equal(np.sort(kept), np.arange(10))
+  assert batches[-1]["weights"][1:].sum() == 0
+  sample = np.concatenate([b["inputs"][:, 0] for b in ds.eval_batches(3, 2)]) - 1000
+  np.testing.assert_array_equal(np.sort(sample), [0, 2, 4, 5, 7, 9])  # floor((i + .5) * 10 / 6)
+  one = list(ds.eval_batches(batch_size=11, num_batches=1))
+  assert len(one) == 1 and one[0]["weights"].sum() == 10 * one[0]["weights"].shape[1]
   with pytest.raises(ValueError, match="indexed"):
-    ds.eval_batches(batch_size=11, num_batches=1)
+    ds.eval_batches(batch_size=0, num_batches=1)
 
 
 def test_unigram_entropy_matches_hand_count():

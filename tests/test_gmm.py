@@ -126,6 +126,19 @@ def test_auto_backend_is_blocked_on_cpu():
   assert {"auto", "blocked", "xla", "reference", "gpu"} <= set(pallas_kernels.BACKENDS)
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "rocm"])
+def test_auto_backend_never_picks_an_unverified_kernel(platform, monkeypatch):
+  """Until a Pallas kernel is checked on real hardware, "auto" takes XLA's ragged_dot there."""
+  monkeypatch.setattr(ops.jax, "default_backend", lambda: platform)
+  chosen = ops.resolve_backend("auto")
+  assert chosen == "xla"
+  assert chosen in ops.verified_backends(platform) or platform not in ops.VERIFICATION
+  for name, status in ops.VERIFICATION.get(platform, ()):
+    if name in ("gpu", "tpu"):
+      assert status.startswith("NOT verified"), (platform, name, status)
+  assert ops.resolve_backend(platform if platform != "rocm" else "xla") != "auto"
+
+
 _X = np.ones((8, 4), np.float32)
 _W = np.ones((3, 4, 5), np.float32)
 _GS = np.array([2, 3, 3], np.int32)

@@ -1,5 +1,7 @@
 """moe_jax/launch.py: the exact per-host commands for each target, quoting, and clear errors."""
+import math
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -200,16 +202,10 @@ def test_run_all_stops_the_others_when_one_fails():
   assert launch.run_all([(ok, {"X": "y"}), (ok, {"X": "y"})], poll_seconds=0.05) == 0
 
 
-def _main_has_distributed_flags() -> bool:
-  with open(os.path.join(REPO, "moe_jax", "main.py")) as f:
-    return "coordinator_address" in f.read()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _main_has_distributed_flags(),
-                    reason="moe_jax.main has no --coordinator_address yet")
 def test_local_cpu_two_processes_train(tmp_path):
-  """Two local processes x 4 CPU devices train the cpu8 recipe for 2 steps over loopback."""
+  """Two local processes x 4 CPU devices train the cpu8 recipe for 2 steps over loopback: both
+  join one 8-device run, and both log the same (global) train and eval losses."""
   result = _launch("--target=local-cpu", "--num_processes=2", "--devices_per_process=4",
                    f"--coordinator_port={_free_port()}", "--config=configs/mixtral_like.py:cpu8",
                    f"--workdir={tmp_path}", "--override=train.steps=2",
@@ -218,3 +214,14 @@ def test_local_cpu_two_processes_train(tmp_path):
                    timeout=900)  # two processes compiling on a shared 2-core machine
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.exists(tmp_path / "config.json")
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+  log = result.stderr
+  # Each process sees the 8 global devices and its own index: the processes joined one run.
+  for process_id in (0, 1):
+    assert f"8 devices, process {process_id}/2." in log, log[-3000:]
+  train_losses = re.findall(r"step 2/2 loss (\S+) ", log)
+  eval_losses = re.findall(r"step 2/2 eval loss (\S+) ", log)
+  assert len(train_losses) == 2 and len(eval_losses) == 2, log[-3000:]
+  # The losses are global means over the whole batch, so both processes report the same ones.
+  assert train_losses[0] == train_losses[1] and eval_losses[0] == eval_losses[1]
+  assert all(math.isfinite(float(v)) for v in train_losses + eval_losses)

@@ -396,3 +396,34 @@ def test_dropless_gradient_matches_finite_difference():
   finite_difference = (float(plus) - float(minus)) / (2 * eps)
   assert abs(directional) > 1.0
   assert abs(finite_difference - directional) < 1e-3 * abs(directional)
+
+
+def test_soft_moe_metrics_are_measured_not_constant():
+  """Soft MoE's load and entropies against NumPy from the layer's own dispatch/combine weights."""
+  from configs import routers  # pylint: disable=g-import-not-at-top
+  from moe_jax.routers.soft import soft_weights  # pylint: disable=g-import-not-at-top
+
+  config = routers.apply_router(get_config("tiny"), "soft").model.moe
+  config.num_experts, config.soft_slots_per_expert = 3, 2
+  config.group_by = "sequence"
+  layer = MoELayer(config, 8, rngs=nnx.Rngs(0))
+  # Skew the slots: expert 0's slot parameters align with the inputs' mean direction.
+  x = np.random.default_rng(1).normal(size=(5, 7, 8)).astype(np.float32) + 1.5
+  phi = np.asarray(layer.router.phi[...]).copy()
+  phi[:, :2] += 3.0
+  layer.router.phi[...] = jnp.asarray(phi)
+  _, aux = layer(jnp.asarray(x))
+  groups = x.reshape(5 * 7, 8).reshape(-1, 7, 8)  # sequence groups: one row each
+  dispatch, combine = (np.asarray(w, np.float64) for w in soft_weights(
+      jnp.asarray(groups), layer.router.phi[...], layer.router.scale[...]))
+  per_expert = combine.reshape(5, 7, 3, 2).sum(-1)  # [G, N, E]
+  load = per_expert.sum((0, 1)) / per_expert.sum()
+  np.testing.assert_allclose(aux["expert_load"], load, rtol=1e-5)
+  assert load.max() / load.mean() > 1.2  # the skew shows: not a constant uniform vector
+  entropy = -(per_expert * np.log(per_expert)).sum(-1).mean()
+  np.testing.assert_allclose(aux["router_entropy"], entropy, rtol=1e-5)
+  combine_entropy = -(combine * np.log(combine)).sum(-1).mean()
+  np.testing.assert_allclose(aux["soft_combine_entropy"], combine_entropy, rtol=1e-5)
+  dispatch_entropy = -(dispatch * np.log(dispatch)).sum(1).mean()
+  np.testing.assert_allclose(aux["soft_dispatch_entropy"], dispatch_entropy, rtol=1e-5)
+  assert 0 < aux["router_entropy"] < np.log(3)

@@ -50,7 +50,7 @@ def np_phi(z):
 
 
 def np_token_choice(logits, top_k, valid=None, normalize=True, score_function="softmax",
-                    bias=None, num_groups=1, top_k_groups=1, scaling=1.0):
+                    bias=None, num_groups=1, top_k_groups=1, scaling=1.0, group_rule="top2_sum"):
   """Token-choice top-k with DeepSeek-V3 options, one token at a time.
 
   Returns (index [T, K] with E for invalid tokens, weight [T, K], probs [T, E], allowed [T, E]
@@ -78,7 +78,10 @@ def np_token_choice(logits, top_k, valid=None, normalize=True, score_function="s
     group_score = []
     for g in range(num_groups):
       members = sorted(select[g * size:(g + 1) * size], reverse=True)
-      group_score.append(sum(members[:2]))  # the max alone for a group of one expert
+      if group_rule == "max":  # DeepSeek-V2: the group's highest score
+        group_score.append(members[0])
+      else:  # DeepSeek-V3: the sum of the two highest (the max alone for a group of one expert)
+        group_score.append(sum(members[:2]))
     groups = sorted(range(num_groups), key=lambda g: (-group_score[g], g))
     if num_groups > 1 and top_k_groups < num_groups:
       last_kept, first_dropped = groups[top_k_groups - 1], groups[top_k_groups]
@@ -325,6 +328,42 @@ def test_group_limited_routing(score_function, num_experts, num_groups, top_k_gr
                                           bias=bias)
   if size > 1:
     assert any(set(a) != set(b) for a, b in zip(index, unlimited))
+
+
+@pytest.mark.parametrize("score_function,num_experts,num_groups,top_k_groups,top_k,with_bias", [
+    ("softmax", 12, 3, 1, 2, False),  # groups of 4, one kept
+    ("sigmoid", 12, 4, 2, 3, True),   # groups of 3, two kept, with a selection bias
+    ("softmax", 8, 4, 2, 2, False),   # groups of 2
+], ids=["soft-e12-g3-m1", "sig-e12-g4-bias", "soft-e8-g4"])
+def test_group_limited_routing_max_group_score(score_function, num_experts, num_groups,
+                                               top_k_groups, top_k, with_bias):
+  """group_score="max" (DeepSeek-V2 device-limited routing): a group scores its best expert."""
+  rng = np.random.default_rng(130 + num_groups)
+  logits = rng.normal(size=(61, num_experts)) * 1.5
+  valid = rng.random(61) > 0.15
+  bias = rng.normal(size=num_experts) * 0.1 if with_bias else None
+  kwargs = dict(score_function=score_function, num_groups=num_groups, top_k_groups=top_k_groups)
+  decision = token_choice_top_k(f32(logits), top_k, valid=jnp.asarray(valid),
+                                selection_bias=None if bias is None else f32(bias),
+                                group_score="max", **kwargs)
+  index, weight, _, allowed, margin = np_token_choice(logits, top_k, valid, bias=bias,
+                                                      group_rule="max", **kwargs)
+  assert margin > 1e-5
+  assert_same_assignments(decision, index, weight)
+  got = np.asarray(decision.expert_index)
+  for t in np.flatnonzero(valid):
+    assert np.all(allowed[t, got[t]]), t
+  # The rule matters: V3's top-2 sum keeps other groups for some tokens.
+  v3, _, _, _, _ = np_token_choice(logits, top_k, valid, bias=bias, **kwargs)
+  assert any(set(a) != set(b) for a, b in zip(index, v3))
+  # Through the config: route() passes config.group_score on.
+  config = moe_config(num_experts=num_experts, top_k=top_k, score_function=score_function,
+                      num_expert_groups=num_groups, top_k_groups=top_k_groups, group_score="max")
+  routed = routing.route(config, f32(logits), jnp.asarray(valid),
+                         selection_bias=None if bias is None else f32(bias))
+  assert_same_assignments(routed, index, weight)
+  with pytest.raises(ValueError, match="group_score"):
+    token_choice_top_k(f32(logits), top_k, group_score="mean", **kwargs)
 
 
 @pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
@@ -818,6 +857,168 @@ def test_noisy_load_loss_matches_numpy(top_k):
                              rtol=RTOL, atol=ATOL)
   clean = token_choice_top_k(f32(logits), top_k, valid=jnp.asarray(valid))
   assert float(losses.noisy_load_loss(clean, std, top_k)) == 0.0
+
+
+def np_softplus(x):
+  x = np.asarray(x, np.float64)
+  return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0.0)
+
+
+def learned_noise_layer(num_experts=6, top_k=2, d_model=10, seed=0, **overrides):
+  """A token-choice MoELayer with learned noise and a random (non-zero) W_noise."""
+  config = moe_config(num_experts=num_experts, top_k=top_k, router_noise="learned", **overrides)
+  layer = MoELayer(config, d_model, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(120 + seed)
+  layer.router.noise_kernel[...] = f32(rng.normal(size=(d_model, num_experts)) * 0.5)
+  return layer
+
+
+def test_learned_noise_matches_shazeer_eq4():
+  """H(x)_i = (x W_g)_i + StandardNormal() * Softplus((x W_noise)_i), float64, the same draws;
+  selection and weights come from H; evaluation (no rng) has no noise."""
+  d_model, num_experts, num_tokens = 10, 6, 39
+  layer = learned_noise_layer(num_experts, d_model=d_model)
+  rng = np.random.default_rng(121)
+  x = rng.normal(size=(num_tokens, d_model))
+  valid = rng.random(num_tokens) > 0.2
+  key = jax.random.key(7)
+  decision = layer.route(f32(x), jnp.asarray(valid), num_tokens, rng=key)
+  w_gate = np.asarray(layer.router.kernel[...], np.float64)
+  w_noise = np.asarray(layer.router.noise_kernel[...], np.float64)
+  normal = np.asarray(jax.random.normal(key, (num_tokens, num_experts), jnp.float32), np.float64)
+  std = np_softplus(x @ w_noise)
+  noisy = x @ w_gate + normal * std  # eq. 4
+  assert std.std() > 0.1  # the std really varies per token and expert
+  np.testing.assert_allclose(decision.router_logits, x @ w_gate, rtol=RTOL, atol=1e-5)
+  np.testing.assert_allclose(decision.noise_std, std, rtol=RTOL, atol=1e-5)
+  np.testing.assert_allclose(decision.noisy_logits, noisy, rtol=RTOL, atol=1e-5)
+  index, weight, probs, _, margin = np_token_choice(noisy, 2, valid)
+  assert margin > 1e-4
+  assert_same_assignments(decision, index, weight)
+  np.testing.assert_allclose(decision.router_probs, probs, rtol=RTOL, atol=1e-5)
+  clean = layer.route(f32(x), jnp.asarray(valid), num_tokens)
+  assert clean.noisy_logits is None and clean.noise_std is None
+  # Zero-initialised W_noise (the paper's code): every std starts at Softplus(0) = log 2.
+  fresh = MoELayer(moe_config(num_experts=num_experts, router_noise="learned"), d_model,
+                   rngs=nnx.Rngs(0))
+  assert np.all(np.asarray(fresh.router.noise_kernel[...]) == 0.0)
+  np.testing.assert_allclose(fresh.route(f32(x), jnp.asarray(valid), num_tokens,
+                                         rng=key).noise_std, math.log(2.0), rtol=1e-6)
+  # The fixed default has no W_noise.
+  assert MoELayer(moe_config(), d_model, rngs=nnx.Rngs(0)).router.noise_kernel is None
+
+
+def test_learned_noise_kernel_gets_a_gradient():
+  """W_noise is trained: through the noisy scores (the output) and through the load loss."""
+  d_model, num_tokens = 10, 32
+  layer = learned_noise_layer(6, d_model=d_model, noisy_load_loss_weight=0.1,
+                              load_balance_loss_weight=0.0, router_z_loss_weight=0.0)
+  x = f32(np.random.default_rng(122).normal(size=(2, num_tokens // 2, d_model)))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def grads(part):
+    def f(p):
+      y, aux = nnx.merge(graphdef, p, rest)(x, train=True, rng=jax.random.key(8))
+      return jnp.sum(y ** 2) if part == "output" else aux["loss"]
+    return jax.grad(f)(params)["router"]["noise_kernel"][...]
+
+  for part in ("output", "loss"):
+    g = np.asarray(grads(part))
+    assert np.all(np.isfinite(g)) and np.abs(g).max() > 1e-4, part
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_noisy_load_loss_learned_std_matches_shazeer(top_k):
+  """Shazeer et al. 2017 eq. 8-10: P(x, i) = Phi(((x W_g)_i - kth_excluding(H(x), k, i)) /
+  Softplus((x W_noise)_i)), Load_i = sum_x P(x, i), loss = CV(Load)^2 (float64 reference)."""
+  rng = np.random.default_rng(123 + top_k)
+  logits = rng.normal(size=(37, 6)) * 0.5
+  std = np_softplus(rng.normal(size=(37, 6)) - 1.0)
+  noisy = logits + std * rng.normal(size=(37, 6))
+  valid = rng.random(37) > 0.2
+  decision = token_choice_top_k(f32(logits), top_k, valid=jnp.asarray(valid),
+                                noisy_logits=f32(noisy)).replace(noise_std=f32(std))
+  load = np.zeros(6)
+  for t in np.flatnonzero(valid):
+    for i in range(6):
+      others = sorted(np.delete(noisy[t], i), reverse=True)
+      load[i] += np_phi((logits[t, i] - others[top_k - 1]) / std[t, i])
+  got = losses.noisy_load_loss(decision, decision.noise_std, top_k, exclude_self=True)
+  np.testing.assert_allclose(got, np_cv2(load), rtol=RTOL, atol=ATOL)
+  # Not the V-MoE threshold (the K-th largest including i itself).
+  vmoe = losses.noisy_load_loss(decision, decision.noise_std, top_k)
+  assert abs(float(vmoe) - float(got)) > 1e-3
+  # Wired in the layer: the learned variant uses the decision's std and kth_excluding.
+  layer = learned_noise_layer(6, top_k=top_k, noisy_load_loss_weight=1.0)
+  x = f32(rng.normal(size=(1, 37, 10)))
+  key = jax.random.key(9)
+  _, aux = layer(x, train=True, rng=key)
+  routed = layer.route(x[0], jnp.ones((37,), bool), 37, rng=key)
+  np.testing.assert_allclose(aux["noisy_load_loss"], losses.noisy_load_loss(
+      routed, routed.noise_std, top_k, exclude_self=True), rtol=1e-6)
+  assert float(layer(x)[1]["noisy_load_loss"]) == 0.0  # evaluation: no noise, no loss
+
+
+def np_weighted_switch_loss(index, probs, valid, eta):
+  """E' * sum_i eta_i f_i P_i (MoE++'s heterogeneous balance loss with this library's f, P)."""
+  num_outputs = len(eta)
+  counts = np_counts(index, num_outputs)
+  load = counts / max(counts.sum(), 1.0)
+  mean_prob = np.asarray(probs, np.float64)[np.asarray(valid)].mean(axis=0)
+  return num_outputs * np.sum(np.asarray(eta) * load * mean_prob)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+def test_zero_expert_balance_weight_matches_numpy(tau):
+  """MoE++: eta_i = 1 for FFN (and null) experts, tau for zero/copy/constant; global and
+  micro-batch scopes, and wired into MoELayer's load_balance_loss."""
+  config = moe_config(num_experts=4, num_zero_experts=1, num_copy_experts=1,
+                      num_constant_experts=1, zero_expert_balance_weight=tau)
+  eta = np.array([1, 1, 1, 1, tau, tau, tau], np.float64)
+  np.testing.assert_allclose(losses.zero_expert_balance_weights(7, (4, 7), tau), eta)
+  logits, valid, segments = skewed_segments()
+  logits = np.concatenate([logits[:, :4], logits[:, 4:] + 0.5, logits[:, :1]], axis=1)  # E' = 7
+  decision = token_choice_top_k(f32(logits), 2, valid=jnp.asarray(valid))
+  index, probs = np.asarray(decision.expert_index), np_softmax(logits)
+  got = losses.switch_load_balance_loss(decision, expert_weight=f32(eta))
+  np.testing.assert_allclose(got, np_weighted_switch_loss(index, probs, valid, eta), rtol=RTOL)
+  micro = losses.switch_load_balance_loss(decision, jnp.asarray(segments), 3, f32(eta))
+  ref = np.mean([np_weighted_switch_loss(index[segments == m], probs[segments == m],
+                                         valid[segments == m], eta) for m in range(3)])
+  np.testing.assert_allclose(micro, ref, rtol=RTOL)
+  if tau == 1.0:  # the ordinary loss over all outputs
+    np.testing.assert_allclose(got, losses.switch_load_balance_loss(decision), rtol=1e-6)
+  # MoELayer._sparse_aux uses it (the layer's own routing, recomputed from its router).
+  d_model = 10
+  layer = MoELayer(config, d_model, rngs=nnx.Rngs(1))
+  x = f32(np.random.default_rng(124).normal(size=(1, 37, d_model)))
+  _, aux = layer(x)
+  routed = layer.route(x[0], jnp.ones((37,), bool), 37)
+  ref = np_weighted_switch_loss(routed.expert_index, routed.router_probs, np.ones(37, bool), eta)
+  np.testing.assert_allclose(aux["load_balance_loss"], ref, rtol=RTOL)
+  assert np.any(np.asarray(routed.expert_index) >= 4)  # zero-computation experts were picked
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    ({"router_noise": "adaptive"}, "router_noise"),
+    ({"router_noise": "learned", "router_noise_std": 0.1}, "router_noise='learned' needs"),
+    ({"router_noise": "learned", "router": "relu"}, "router_noise='learned' needs"),
+    ({"num_expert_groups": 2, "group_score": "mean"}, "group_score"),
+    ({"num_zero_experts": 1, "zero_expert_balance_weight": -0.5}, "zero_expert_balance_weight"),
+    ({"noisy_load_loss_weight": 0.01}, "noisy_load_loss_weight"),
+    ({"router_noise": "learned", "noisy_load_loss_weight": 0.01}, None),
+    ({"num_expert_groups": 2, "group_score": "max"}, None),
+    ({"num_zero_experts": 1, "zero_expert_balance_weight": 0.5}, None),
+])
+def test_noise_group_score_and_tau_fields_are_validated(overrides, problem):
+  from moe_jax.validation import ConfigError, validate_config
+  config = configs.default.get_config("tiny")
+  config.model.moe.update(overrides)
+  if problem is None:
+    validate_config(config, num_devices=1)
+  else:
+    with pytest.raises(ConfigError, match=problem):
+      validate_config(config, num_devices=1)
 
 
 def test_relu_l1_loss_and_gate_sparsity_match_numpy():

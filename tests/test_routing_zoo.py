@@ -8,6 +8,7 @@ cross-sequence dependence, gradient to the router); the router state (auxiliary-
 ReMoE's L1 coefficient) trains outside the optimizer and survives checkpoints; and every variant
 is selectable from the command line.
 """
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,28 @@ def dense_reference(layer: MoELayer, x, decision, kept=None):
   return y
 
 
+def reference_kept(index, num_experts, capacity, priority=None):
+  """Which assignments of index [G, N, K] a capacity of C slots per expert and group keeps, by the
+  Switch/GShard rule: every first choice of the group claims its slot before any second choice, and
+  so on; within one choice rank tokens claim in position order, or (batch-prioritized routing) by
+  decreasing priority [G, N], ties by position. An expert keeps its first C claims; ids >= E are
+  unassigned."""
+  groups, group_tokens, top_k = index.shape
+  kept = np.zeros(index.shape, bool)
+  for g in range(groups):
+    order = list(range(group_tokens))
+    if priority is not None:
+      order.sort(key=lambda n: (-float(priority[g, n]), n))
+    claimed = [0] * num_experts
+    for k in range(top_k):
+      for n in order:
+        e = int(index[g, n, k])
+        if e < num_experts and claimed[e] < capacity:
+          kept[g, n, k] = True
+          claimed[e] += 1
+  return kept
+
+
 def layer_and_decision(variant, capacity_factor="keep", **overrides):
   moe = moe_config(variant, **overrides)
   if capacity_factor != "keep":
@@ -126,8 +149,8 @@ def test_dropless_layer_matches_dense_reference(variant):
 @pytest.mark.parametrize("variant", ["token_choice_capacity", "bpr", "expert_choice", "top_p",
                                      "moe_plus_plus"])
 def test_capacity_layer_matches_dense_reference_of_kept_assignments(variant):
-  """Capacity dispatch = dense reference over the kept assignments (dropping as planned)."""
-  from moe_jax import dispatch
+  """Capacity dispatch = dense reference over the kept assignments, the kept set computed by a
+  plain-Python reimplementation of the documented priority rule (not by moe_jax.dispatch)."""
   overrides = dict(group_by="sequence")
   if variant not in ("expert_choice",):
     overrides["capacity_factor"] = 0.5  # tight: some assignments drop
@@ -135,11 +158,15 @@ def test_capacity_layer_matches_dense_reference_of_kept_assignments(variant):
   y, aux = layer(x)
   index, _ = layer.ffn_assignments(decision)
   groups = BATCH
-  priority = (jnp.max(decision.router_probs, -1).reshape(groups, -1)
-              if layer.config.capacity_priority == "score" else None)
-  plan = dispatch.capacity_plan(index.reshape(groups, SEQ, -1), layer.num_experts,
-                                layer._capacity(SEQ), priority)
-  kept = plan.kept.reshape(index.shape)
+  config = layer.config
+  if variant == "expert_choice":  # C = ceil(cf * N / E) tokens per expert (Zhou et al. 2022)
+    capacity = min(SEQ, math.ceil(config.capacity_factor * SEQ / config.num_experts))
+  else:  # C = ceil(cf * N * K / E) slots per expert (GShard)
+    capacity = math.ceil(config.capacity_factor * SEQ * config.top_k / config.num_experts)
+  priority = (np.asarray(decision.router_probs).max(-1).reshape(groups, -1)
+              if config.capacity_priority == "score" else None)
+  kept = reference_kept(np.asarray(index).reshape(groups, SEQ, -1), config.num_experts, capacity,
+                        priority).reshape(index.shape)
   reference = dense_reference(layer, x, decision, kept)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), reference, rtol=1e-5, atol=1e-5)
   assigned = int(jnp.sum(index < layer.num_experts))
@@ -351,8 +378,9 @@ def test_new_routers_are_the_same_function_under_expert_parallelism(variant):
   def config(**mesh):
     c = tiny_moe_config(None, **mesh)
     routers.apply_router(c, variant)
-    if variant == "expert_choice":
+    if variant == "expert_choice":  # sequence groups here; position groups: the test below
       c.model.moe.group_by = "sequence"
+      c.model.moe.allow_noncausal = True
     return c
 
   loss, dropped, grads = loss_and_grads(config(data=8))
@@ -362,13 +390,22 @@ def test_new_routers_are_the_same_function_under_expert_parallelism(variant):
   assert worst_relative_difference(ep_grads, grads) < 1e-5
 
 
-def test_soft_moe_runs_on_an_expert_parallel_mesh():
-  """Soft MoE uses plain sharded einsums; data=2 x expert=4 gives the data=8 loss."""
+@pytest.mark.parametrize("variant", ["expert_choice", "soft"])
+def test_position_groups_are_the_same_function_under_expert_parallelism(variant):
+  """Position groups (the causal layout the study uses: the tokens at one position across the
+  batch) on data=2 x expert=4 give the loss and gradients of data=8. Under expert parallelism each
+  device's slice of the transposed [S * B] tokens holds whole position groups; expert choice goes
+  through the capacity shard_map, soft MoE through plain sharded einsums."""
   def config(**mesh):
-    return routers.apply_router(tiny_moe_config(None, **mesh), "soft")
+    c = routers.apply_router(tiny_moe_config(None, **mesh), variant)
+    c.model.moe.group_by = "position"
+    c.model.moe.allow_noncausal = False  # position groups are causal: valid without the opt-in
+    return c
 
-  loss, _, grads = loss_and_grads(config(data=8))
-  ep_loss, _, ep_grads = loss_and_grads(config(data=2, expert=4))
+  assert config(data=8).model.moe.capacity_factor == (None if variant == "soft" else 2.0)
+  loss, dropped, grads = loss_and_grads(config(data=8))
+  ep_loss, ep_dropped, ep_grads = loss_and_grads(config(data=2, expert=4))
+  assert ep_dropped == pytest.approx(dropped, abs=1e-7)
   assert ep_loss == pytest.approx(loss, rel=1e-6)
   assert worst_relative_difference(ep_grads, grads) < 1e-5
 

@@ -113,6 +113,17 @@ def test_other_incompatibilities_are_listed():
     upcycle.check_compatible(moe_config, moe_config)
 
 
+def test_learned_noise_router_upcycles_with_zero_noise_kernel():
+  """router_noise="learned" adds W_noise; upcycling starts it at 0, as a fresh router would."""
+  dense_config, moe_config = configs(num_layers=1)
+  moe_config.model.moe.router_noise = "learned"
+  params = dense_params(dense_config)
+  moe_params = upcycle.upcycle_params(params, dense_config, moe_config, rng=jax.random.key(1))
+  assert jax.tree.structure(moe_params) == jax.tree.structure(
+      upcycle.abstract_params(moe_config.model))
+  np.testing.assert_array_equal(moe_params["blocks"][0]["ffn"]["router"]["noise_kernel"], 0.0)
+
+
 def test_upcycled_optimizer_state():
   """Expert moments copy the MLP's, router moments are zero, counts continue."""
   dense_config, moe_config = configs()

@@ -32,6 +32,8 @@ class RoutingDecision:
     valid: [T] bool, False for padding tokens.
     noisy_logits: [T, E] float32 logits with the training noise that selected the experts (noisy
       top-k); None without noise.
+    noise_std: [T, E] float32 std of that noise when it is learned per token and expert
+      (Softplus(x W_noise), Shazeer et al. 2017 eq. 4); None for fixed-std noise or no noise.
   """
   expert_index: jax.Array
   combine_weight: jax.Array
@@ -39,6 +41,7 @@ class RoutingDecision:
   router_logits: jax.Array
   valid: jax.Array
   noisy_logits: jax.Array | None = None
+  noise_std: jax.Array | None = None
 
   @property
   def num_experts(self) -> int:

@@ -53,6 +53,44 @@ def soft_weights(x: jax.Array, phi: jax.Array, scale: jax.Array | None, *,
   return dispatch, combine
 
 
+def _entropy(probs: jax.Array, axis: int) -> jax.Array:
+  return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=axis)
+
+
+def soft_routing_metrics(dispatch: jax.Array, combine: jax.Array, valid: jax.Array,
+                         num_experts: int) -> dict[str, jax.Array]:
+  """What Soft MoE's weights measurably do, per layer (all float32 scalars or [E]).
+
+  Every slot's dispatch column sums to one, so each expert receives the same dispatch mass by
+  construction; the load that varies is in the combine weights. Reported:
+    expert_load [E]: each expert's share of the combine weight mass over valid tokens
+      (sum over its slots, mean over tokens; sums to 1, uniform = 1/E);
+    router_entropy: mean over valid tokens of the entropy (nats) of the token's combine weight
+      summed per expert (comparable with token choice's router entropy; log E = uniform);
+    soft_combine_entropy: mean over valid tokens of the entropy over all S slots (log S max);
+    soft_dispatch_entropy: mean over slots of the entropy of the dispatch weights over the
+      group's tokens (log N = a slot averages the whole group; 0 = it copies one token).
+
+  Args:
+    dispatch, combine: [G, N, S] from `soft_weights`, S = E * slots per expert.
+    valid: [G, N] bool.
+    num_experts: E.
+  """
+  groups, tokens, slots = combine.shape
+  weight = valid.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weight), 1.0)
+  per_expert = combine.reshape(groups, tokens, num_experts, slots // num_experts).sum(-1)
+  load = jnp.einsum("gne,gn->e", per_expert, weight)
+  has_valid = jnp.any(valid, axis=1).astype(jnp.float32)  # [G]: slots of empty groups mix nothing
+  return {
+      "expert_load": load / jnp.maximum(jnp.sum(load), 1e-30),
+      "router_entropy": jnp.sum(_entropy(per_expert, -1) * weight) / count,
+      "soft_combine_entropy": jnp.sum(_entropy(combine, -1) * weight) / count,
+      "soft_dispatch_entropy": (jnp.sum(_entropy(dispatch, 1) * has_valid[:, None])
+                                / jnp.maximum(jnp.sum(has_valid) * slots, 1.0)),
+  }
+
+
 class SoftRouter(nnx.Module):
   """Soft MoE slot parameters Phi [D, E * slots_per_expert] and the normalisation scale."""
 

@@ -11,6 +11,7 @@ so the backward pass costs what the forward costs on every backend.
 
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +30,35 @@ _IMPLEMENTATIONS = {"blocked": blocked, "xla": xla, "reference": reference, "gpu
 _PALLAS_BACKENDS = ("tpu", "gpu")
 
 
+# What each backend has been checked on, per platform: the one table `auto` reads. A backend is
+# "verified" on a platform once its values and both gradients matched the reference on that
+# platform's hardware (not in Pallas interpret mode); record the check (command, date) here when
+# flipping an entry. `auto` picks the first verified backend of the platform's list.
+VERIFICATION = {
+    "cpu": (("blocked", "verified: tests/test_gmm.py on XLA:CPU (CI)"),
+            ("xla", "verified: tests/test_gmm.py on XLA:CPU (CI); ragged_dot runs dense there"),
+            ("reference", "verified: the plain jnp reference")),
+    "gpu": (("xla", "verified: jax.lax.ragged_dot, XLA's own grouped matmul"),
+            ("gpu", "NOT verified: the Pallas Triton kernels ran only in interpret mode")),
+    "tpu": (("xla", "verified: jax.lax.ragged_dot, XLA's own grouped matmul"),
+            ("tpu", "NOT verified: the Pallas Mosaic kernels ran only in interpret mode")),
+}
+_LOGGED_AUTO: set[str] = set()
+
+
+def verified_backends(platform: str) -> list[str]:
+  """The backends VERIFICATION marks verified on `platform` ("cpu", "gpu", "tpu", ...)."""
+  return [name for name, status in VERIFICATION.get(platform, ())
+          if status.startswith("verified")]
+
+
 def resolve_backend(backend: str) -> str:
   """Maps a `backend=` value to the implementation that will run.
 
-  "auto" follows `jax.default_backend()`: "blocked" on CPU, where
-  `ragged_dot` costs G x the FLOPs; "tpu" (the Pallas Mosaic kernels) on
-  TPU; "gpu" (the Pallas Triton kernels) on GPU; "xla" anywhere else.
+  "auto" picks, for `jax.default_backend()`, the first backend `VERIFICATION` marks verified
+  there: "blocked" on CPU (where `ragged_dot` costs G x the FLOPs), XLA's `ragged_dot` on GPU and
+  TPU until the Pallas kernels have been checked on that hardware ("gpu" / "tpu" select them
+  explicitly), "xla" on any other platform. The choice is logged once per platform.
 
   Raises:
     ValueError: for an unknown name.
@@ -42,7 +66,13 @@ def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}.")
   if backend == "auto":
-    return {"cpu": "blocked", "gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "xla")
+    platform = jax.default_backend()
+    chosen = (verified_backends(platform) or ["xla"])[0]
+    if platform not in _LOGGED_AUTO:
+      _LOGGED_AUTO.add(platform)
+      logging.info("gmm backend 'auto' on %s: %r (verified there; %s).", platform, chosen,
+                   "; ".join(f"{n}: {s}" for n, s in VERIFICATION.get(platform, ())) or "no table")
+    return chosen
   return backend
 
 
