@@ -11,11 +11,12 @@ import pytest
 
 from configs import compare_routers as study_configs
 from configs import default
-from moe_jax import train
+from moe_jax import data, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY_COLUMNS = ["router", "n_seeds", "bpb_mean", "bpb_std", "tokens_per_s_mean",
-                   "load_imbalance", "dropped_fraction", "experts_per_token"]
+SUMMARY_COLUMNS = ["router", "n_seeds", "bpb_mean", "bpb_std", "bpb_sem", "eval_stderr",
+                   "tokens_per_s_mean", "load_imbalance", "dropped_fraction", "experts_per_token",
+                   "causal"]
 NUM_EXPERTS = default.get_config("tiny").model.moe.num_experts  # the quick study's base
 
 
@@ -31,9 +32,11 @@ def _import_script():
 cr = _import_script()
 
 
-def _run(router, seed, bpb, imbalance, tokens_per_s=1000.0, dropped=0.0, experts=math.nan):
+def _run(router, seed, bpb, imbalance, tokens_per_s=1000.0, dropped=0.0, experts=math.nan,
+         stderr=math.nan, noncausal=False):
   return {"router": router, "seed": seed, "bpb": bpb, "tokens_per_s": tokens_per_s,
-          "load_imbalance": imbalance, "dropped_fraction": dropped, "experts_per_token": experts}
+          "load_imbalance": imbalance, "dropped_fraction": dropped, "experts_per_token": experts,
+          "bpb_stderr": stderr, "noncausal": noncausal}
 
 
 def test_summarize_and_markdown_table_by_hand():
@@ -45,7 +48,8 @@ def test_summarize_and_markdown_table_by_hand():
       runs.append(_run(router, seed, value,
                        imbalance[router][seed] if router in imbalance else math.nan,
                        tokens_per_s=1000.0 + 100 * seed, dropped=0.01 * seed,
-                       experts=2.0 if router == "token_choice" else math.nan))
+                       experts=2.0 if router == "token_choice" else math.nan,
+                       stderr=0.02 + 0.01 * seed, noncausal=router == "soft"))
   order = ["token_choice", "dense", "soft"]
   summary = cr.summarize(runs, order)
 
@@ -57,9 +61,14 @@ def test_summarize_and_markdown_table_by_hand():
     assert row["n_seeds"] == 3
     np.testing.assert_allclose(row["bpb_mean"], np.mean(bpb[router]), rtol=1e-12)
     np.testing.assert_allclose(row["bpb_std"], np.std(bpb[router], ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(row["bpb_sem"], np.std(bpb[router], ddof=1) / math.sqrt(3),
+                               rtol=1e-12)
+    np.testing.assert_allclose(row["eval_stderr"], 0.03, rtol=1e-12)  # mean of .02, .03, .04
+    assert row["causal"] == "yes"
     np.testing.assert_allclose(row["tokens_per_s_mean"], 1100.0, rtol=1e-12)
     np.testing.assert_allclose(row["dropped_fraction"], 0.01, rtol=1e-12)
   assert by_router["soft"]["n_seeds"] == 1 and by_router["soft"]["bpb_std"] == 0.0
+  assert by_router["soft"]["causal"] == "no"
   assert math.isnan(by_router["dense"]["load_imbalance"])
   assert math.isnan(by_router["dense"]["experts_per_token"])
   np.testing.assert_allclose(by_router["token_choice"]["load_imbalance"], 1.3, rtol=1e-12)
@@ -73,8 +82,12 @@ def test_summarize_and_markdown_table_by_hand():
   dense_cells = [c.strip() for c in rows[1].split("|")[1:-1]]
   dense_values = np.asarray(bpb["dense"])
   assert dense_cells[2] == f"{dense_values.mean():.3f} ± {dense_values.std(ddof=1):.3f}"
-  assert dense_cells[4] == "-"  # no router, no imbalance
-  assert [c.strip() for c in rows[0].split("|")[1:-1]][4] == "1.30"
+  assert dense_cells[3] == f"{dense_values.std(ddof=1) / math.sqrt(3):.3f}"
+  assert dense_cells[4] == "0.030"
+  assert dense_cells[6] == "-"  # no router, no imbalance
+  assert dense_cells[9] == "yes"
+  assert [c.strip() for c in rows[0].split("|")[1:-1]][6] == "1.30"
+  assert [c.strip() for c in rows[2].split("|")[1:-1]][9] == "no"
 
 
 def test_step_stats_and_tail_window():
@@ -125,14 +138,17 @@ class FakeTrainer:
                            "aux/layer1/expert_load": self.load(step).astype(np.float32),
                            "aux/experts_per_token": np.float32(step)})
       if step % config.train.eval_every == 0 or step == steps:
-        history.append((step, 2.0 / step, 3.0 / step))
+        history.append((step, 2.0 / step, 3.0 / step, 0.1 / step))
       if step == self.stop_at or step == steps:
         with open(marker, "w") as f:
           f.write(str(step))
         result = {"step": step, "preempted": step != steps, "eval_history": history,
                   "train/tokens_per_s": 100.0 * step}
         if history and history[-1][0] == step:
-          result.update({"eval/loss": history[-1][1], "eval/bits_per_byte": history[-1][2]})
+          result.update({"eval/loss": history[-1][1], "eval/bits_per_byte": history[-1][2],
+                         "eval/bits_per_byte_stderr": history[-1][3]})
+        result["corpus"] = {"task": "fake", "path": "", "python": "3", "implementation": "C",
+                            "splits": {}, "file_list_sha256": "0", "content_sha256": "0"}
         return result
 
 
@@ -222,19 +238,18 @@ def test_quick_study_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert 0 < float(r["bpb"]) < 9 and float(r["tokens_per_s"]) > 0, r
     with open(tmp_path / "runs" / f"{r['router']}_seed{r['seed']}" / "result.json") as f:
       history = json.load(f)["eval_history"]
-    assert [step for step, _, _ in history] == list(range(study.eval_every, study.steps + 1,
-                                                          study.eval_every))
+    assert [step for step, *_ in history] == list(range(study.eval_every, study.steps + 1,
+                                                        study.eval_every))
     assert history[-1][2] == pytest.approx(float(r["bpb"]))
+    assert history[-1][3] == pytest.approx(float(r["bpb_stderr"])) and history[-1][3] > 0
 
   text = (tmp_path / "results.md").read_text()
   assert f"{study.steps} steps" in text.splitlines()[0]
+  fingerprint = data.corpus_fingerprint(default.get_config("tiny").data)
+  assert f"Corpus: {data.describe_fingerprint(fingerprint)}." in text.splitlines()[0]
   for router in routers:
     assert sum(line.startswith(f"| {router} |") for line in text.splitlines()) == 1
-  try:
-    import matplotlib  # noqa: F401
-    assert (tmp_path / "val_loss.png").stat().st_size > 0
-  except ImportError:
-    pass
+  assert (tmp_path / "val_loss.png").stat().st_size > 0  # matplotlib is in the test extra
 
   # A second call reuses every run's result.json and writes the same table.
   def no_training(*args, **kwargs):
