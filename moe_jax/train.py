@@ -251,17 +251,12 @@ def _device_batch(np_batch: dict, batch_sharding, global_batch: int) -> dict:
           for k, v in np_batch.items()}
 
 
-def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding,
-             router_state=None) -> dict:
-  """Validation loss over the evaluation sample (`TokenDataset.eval_batches`), with its error bar.
+def evaluate_batches(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding,
+                     router_state=None) -> tuple[np.ndarray, np.ndarray]:
+  """Summed cross-entropy and token count of each evaluation batch: (float64 [n], float64 [n]).
 
-  The sample is `config.data.eval_batches` batches of chunks spread over the whole split (every
-  file represented; the whole split when it is smaller). The loss is the token-weighted mean over
-  the sample; its standard error is std(per-batch means, ddof=1) / sqrt(batches), NaN with one batch.
-
-  Returns:
-    {"eval/loss", "eval/loss_stderr" (nats/token), "eval/bits_per_byte",
-     "eval/bits_per_byte_stderr", "eval/batches", "eval/tokens"}.
+  The batches are `eval_dataset.eval_batches(config.data.batch_size, config.data.eval_batches)`:
+  the same sample, in the same order, for every model evaluated on that split.
   """
   ce_sums, weight_sums = [], []
   batch_size = config.data.batch_size
@@ -272,12 +267,38 @@ def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_
     out = jax.device_get(eval_fn(params, _device_batch(local, batch_sharding, batch_size), *extra))
     ce_sums.append(float(out["ce_sum"]))
     weight_sums.append(float(out["weight_sum"]))
-  ce_sums, weight_sums = np.array(ce_sums), np.array(weight_sums)
-  loss = ce_sums.sum() / max(weight_sums.sum(), 1.0)
+  return np.array(ce_sums), np.array(weight_sums)
+
+
+def mean_and_stderr(ce_sums: np.ndarray, weight_sums: np.ndarray) -> tuple[float, float]:
+  """Token-weighted mean loss and its standard error over batches (NaN with one batch).
+
+  The standard error is std(per-batch means, ddof=1) / sqrt(batches) over the full batches (a
+  padded last batch of a wholly evaluated small split is left out of the spread).
+  """
+  loss = float(ce_sums.sum() / max(weight_sums.sum(), 1.0))
   batch_means = ce_sums / np.maximum(weight_sums, 1.0)
-  full = weight_sums == weight_sums.max()  # a padded last batch (whole small split) is left out
+  full = weight_sums == weight_sums.max()
   stderr = (float(np.std(batch_means[full], ddof=1) / math.sqrt(full.sum()))
             if full.sum() > 1 else float("nan"))
+  return loss, stderr
+
+
+def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_sharding,
+             router_state=None) -> dict:
+  """Validation loss over the evaluation sample (`TokenDataset.eval_batches`), with its error bar.
+
+  The sample is `config.data.eval_batches` batches of chunks spread over the whole split (every
+  file represented; the whole split when it is smaller); see `mean_and_stderr`.
+
+  Returns:
+    {"eval/loss", "eval/loss_stderr" (nats/token), "eval/bits_per_byte",
+     "eval/bits_per_byte_stderr", "eval/batches", "eval/tokens"}.
+  """
+  ce_sums, weight_sums = evaluate_batches(params, eval_dataset, config, eval_fn=eval_fn,
+                                          batch_sharding=batch_sharding,
+                                          router_state=router_state)
+  loss, stderr = mean_and_stderr(ce_sums, weight_sums)
   return {"eval/loss": loss, "eval/loss_stderr": stderr,
           "eval/bits_per_byte": data.bits_per_byte(loss),
           "eval/bits_per_byte_stderr": data.bits_per_byte(stderr),
