@@ -311,7 +311,9 @@ def test_loss_free_bias_is_trained_by_its_rule_and_checkpointed(tmp_path):
   losses (so the bias was saved), and the optimizer holds no moments for it."""
   config = tiny_router_config("loss_free")
   full, full_losses = run(config, tmp_path / "full")
-  _, first_half = run(tiny_router_config("loss_free", steps=4), tmp_path / "resumed")
+  first_config = tiny_router_config("loss_free", steps=4)
+  first_config.train.schedule_steps = config.train.steps  # the uninterrupted run's schedule
+  _, first_half = run(first_config, tmp_path / "resumed")
   resumed, second_half = run(config, tmp_path / "resumed")
   for step in range(5, 9):
     assert second_half[step] == pytest.approx(full_losses[step], rel=1e-6)
