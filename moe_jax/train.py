@@ -388,7 +388,7 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
     try:
       state = ckpt.restore(latest, state)
       saved_horizon = int(jax.device_get(state["schedule_horizon"]))
-    except (ValueError, KeyError) as e:  # written before the horizon was saved
+    except (ValueError, KeyError) as e:  # written before the horizon was saved (not tested)
       logging.warning("Checkpoint %d has no schedule horizon (%s).", latest, e)
       state = dict(ckpt.restore(latest, {k: v for k, v in state.items()
                                          if k != "schedule_horizon"}),
