@@ -91,7 +91,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.importance_loss_weight = 0.0  # V-MoE importance loss coefficient.
   moe.noisy_load_loss_weight = 0.0  # V-MoE load loss coefficient (needs router_noise_std > 0).
   moe.gmm_backend = "auto"  # Grouped matmul backend ("auto" | "xla" | "reference" | ...).
-  moe.ep_exchange = "all_to_all"  # Expert-parallel token exchange ("all_to_all" | "allgather").
+  # Grouped matmul tiles, None = the backend's default: "gpu"/"tpu" (tm, tk, tn), e.g.
+  # --config.model.moe.gmm_tiling="(128,128,128)"; "blocked" decreasing row tiles, e.g. "(256,64)".
+  # A per-pass dict {"fwd", "dlhs", "drhs"} can be set in a config file (see pallas_kernels.gmm).
+  moe.gmm_tiling = ml_collections.config_dict.placeholder(tuple)
+  # Expert-parallel token exchange: "all_to_all" | "allgather" | "ragged_all_to_all" (dropless only:
+  # sends just the routed rows; XLA's collective on GPU/TPU, a padded stand-in on CPU).
+  moe.ep_exchange = "all_to_all"
+  # "ragged_all_to_all" receive buffer: ceil(f * T_local * K) rows per device (balanced load: f=1);
+  # 0 = the exact worst case ep * T_local * K. A step that needs more uses the padded exchange.
+  moe.ep_recv_buffer_factor = 0.0
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data-parallel axis size; -1 = all remaining devices.

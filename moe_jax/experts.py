@@ -26,71 +26,116 @@ def apply_activation(activation: str, gate: jax.Array | None, up: jax.Array) -> 
   raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}.")
 
 
-class Experts(nnx.Module):
-  """E independent FFNs with weights [E, D, F] and [E, F, D] (logical axes expert/embed/mlp).
+def fuse_gate_up(w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+  """Interleaves gate and up projections [..., D, F] into one [..., D, 2F] weight.
 
-  `grouped` runs expert-sorted rows through `pallas_kernels.gmm` (dropless dispatch); `batched` runs
-  fixed-size per-expert buffers through a batched matmul (capacity dispatch).
+  Column 2j is gate column j and column 2j+1 is up column j (the layout of GPT-OSS's
+  `gate_up_proj`), so any even-sized contiguous split of the last axis, as tensor parallelism over
+  `mlp` makes, holds matching gate/up pairs.
+  """
+  return jnp.stack([w_gate, w_up], axis=-1).reshape(*w_gate.shape[:-1], 2 * w_gate.shape[-1])
+
+
+def split_gate_up(gate_up: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The inverse of `fuse_gate_up` on [..., 2F] (weights or activations): (gate, up) [..., F]."""
+  pairs = gate_up.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2, 2)
+  return pairs[..., 0], pairs[..., 1]
+
+
+def _fused_gate_up_init(init):
+  """An initializer of [..., D, 2F] from `init` of [..., D, F]: two independent draws, fused.
+
+  The same distribution as separate gate and up weights (the fan-in is D either way).
+  """
+  def fused(key, shape, dtype=jnp.float32):
+    half = tuple(shape[:-1]) + (shape[-1] // 2,)
+    gate_key, up_key = jax.random.split(key)
+    return fuse_gate_up(init(gate_key, half, dtype), init(up_key, half, dtype))
+  return fused
+
+
+class Experts(nnx.Module):
+  """E independent FFNs (logical axes expert/embed/mlp).
+
+  SwiGLU experts hold `w_gate_up` [E, D, 2F] (gate and up interleaved, see `fuse_gate_up`: one
+  grouped matmul computes both) and `w_down` [E, F, D]; GELU experts hold `w_up` [E, D, F] and
+  `w_down`. `grouped` runs expert-sorted rows through `pallas_kernels.gmm` (dropless dispatch);
+  `batched` runs fixed-size per-expert buffers through a batched matmul (capacity dispatch).
+  `gmm_tiling` is passed to the grouped matmul (see `pallas_kernels.gmm`; None = the backend's
+  default).
   """
 
   def __init__(self, num_experts: int, d_model: int, hidden_dim: int, *, activation: str,
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               gmm_backend: str = "auto"):
+               gmm_backend: str = "auto", gmm_tiling=None):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}.")
     self.activation = activation
     self.dtype = dtype
     self.gmm_backend = gmm_backend
+    self.gmm_tiling = gmm_tiling
     init_in = sharding.logical(ffn_init(batch_axis=(0,)), ("expert", "embed", "mlp"))
     init_out = sharding.logical(ffn_init(batch_axis=(0,)), ("expert", "mlp", "embed"))
     shape_in, shape_out = (num_experts, d_model, hidden_dim), (num_experts, hidden_dim, d_model)
-    self.w_up = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
-    self.w_gate = (nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
-                   if activation == "swiglu" else None)
+    if activation == "swiglu":
+      init_gate_up = sharding.logical(_fused_gate_up_init(ffn_init(batch_axis=(0,))),
+                                      ("expert", "embed", "mlp"))
+      self.w_gate_up = nnx.Param(init_gate_up(rngs.params(), shape_in[:2] + (2 * hidden_dim,),
+                                              param_dtype))
+      self.w_up = None
+    else:
+      self.w_gate_up = None
+      self.w_up = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
     self.w_down = nnx.Param(init_out(rngs.params(), shape_out, param_dtype))
 
-  def weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """(w_up [E, D, F], w_gate [E, D, F] or None, w_down [E, F, D]) in the compute dtype."""
-    cast = lambda p: None if p is None else p[...].astype(self.dtype)
-    return cast(self.w_up), cast(self.w_gate), cast(self.w_down)
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """(w_in, w_down) in the compute dtype: w_in = w_gate_up [E, D, 2F] (SwiGLU) or w_up [E, D, F]."""
+    w_in = self.w_gate_up if self.w_gate_up is not None else self.w_up
+    return w_in[...].astype(self.dtype), self.w_down[...].astype(self.dtype)
 
   def grouped(self, x_sorted: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Expert FFN on rows sorted by expert: x_sorted [M, D], group_sizes [E] -> [M, D] float32."""
     return grouped_ffn(x_sorted, group_sizes, self.weights(), activation=self.activation,
-                       dtype=self.dtype, backend=self.gmm_backend)
+                       dtype=self.dtype, backend=self.gmm_backend, tiling=self.gmm_tiling)
 
   def batched(self, x_buffers: jax.Array) -> jax.Array:
     """Expert FFN on per-expert buffers: x_buffers [E, R, D] -> [E, R, D] float32."""
     return batched_ffn(x_buffers, self.weights(), activation=self.activation, dtype=self.dtype)
 
 
+def _hidden(activation: str, projected: jax.Array, dtype) -> jax.Array:
+  """The activation of the input projection [..., F or 2F] (f32) -> [..., F] in `dtype`."""
+  if activation == "swiglu":
+    gate, up = split_gate_up(projected)
+    return apply_activation(activation, gate, up).astype(dtype)
+  return apply_activation(activation, None, projected).astype(dtype)
+
+
 def grouped_ffn(x_sorted: jax.Array, group_sizes: jax.Array, weights, *, activation: str, dtype,
-                backend: str = "auto") -> jax.Array:
+                backend: str = "auto", tiling=None) -> jax.Array:
   """E FFNs on expert-sorted rows with `pallas_kernels.gmm`: [M, D] -> [M, D] float32.
 
-  `weights` = (w_up, w_gate or None, w_down) with a leading expert axis E = len(group_sizes).
-  Rows past sum(group_sizes) come out as zeros (gmm semantics).
+  `weights` = `Experts.weights()`: (w_in [E, D, 2F or F], w_down [E, F, D]) with E =
+  len(group_sizes). Two grouped matmuls (SwiGLU's gate and up share one). Operands stay in `dtype`
+  and accumulate in float32 in all three passes (see `pallas_kernels.gmm.ops`). Rows past
+  sum(group_sizes) come out as zeros (gmm semantics).
   """
-  w_up, w_gate, w_down = weights
+  w_in, w_down = weights
   x_sorted = x_sorted.astype(dtype)
 
   def gmm(lhs, rhs):
     return pallas_kernels.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32,
-                              backend=backend)
+                              backend=backend, tiling=tiling)
 
-  gate = gmm(x_sorted, w_gate) if w_gate is not None else None
-  hidden = apply_activation(activation, gate, gmm(x_sorted, w_up)).astype(dtype)
-  return gmm(hidden, w_down)
+  return gmm(_hidden(activation, gmm(x_sorted, w_in), dtype), w_down)
 
 
 def batched_ffn(x_buffers: jax.Array, weights, *, activation: str, dtype) -> jax.Array:
   """E FFNs on fixed-size per-expert buffers: [E, R, D] -> [E, R, D] float32."""
-  w_up, w_gate, w_down = weights
+  w_in, w_down = weights
   x_buffers = x_buffers.astype(dtype)
 
   def bmm(lhs, rhs):
     return jnp.einsum("erd,edf->erf", lhs, rhs, preferred_element_type=jnp.float32)
 
-  gate = bmm(x_buffers, w_gate) if w_gate is not None else None
-  hidden = apply_activation(activation, gate, bmm(x_buffers, w_up)).astype(dtype)
-  return bmm(hidden, w_down)
+  return bmm(_hidden(activation, bmm(x_buffers, w_in), dtype), w_down)

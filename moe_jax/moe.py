@@ -89,7 +89,8 @@ class MoELayer(nnx.Module):
           learned_noise=config.get("router_noise", "fixed") == "learned")
     self.experts = Experts(config.num_experts, d_model, config.expert_hidden_dim,
                            activation=activation, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                           gmm_backend=config.get("gmm_backend", "auto"))
+                           gmm_backend=config.get("gmm_backend", "auto"),
+                           gmm_tiling=_gmm_tiling(config))
     num_shared = config.get("num_shared_experts", 0) or 0
     self.shared_experts = (MLP(d_model, num_shared * config.expert_hidden_dim, rngs=rngs,
                                activation=activation, dtype=dtype, param_dtype=param_dtype)
@@ -332,6 +333,12 @@ class MoELayer(nnx.Module):
            "experts_per_token": jnp.asarray(self.num_experts * per_expert / group_size, jnp.float32),
            **soft_routing_metrics(dispatch_w, combine_w, group_valid, self.num_experts)}
     return y.reshape(num_tokens, d_model), aux
+
+
+def _gmm_tiling(config):
+  """`config.gmm_tiling` as `pallas_kernels.gmm` takes it (a per-pass ConfigDict -> dict)."""
+  tiling = config.get("gmm_tiling", None)
+  return tiling.to_dict() if hasattr(tiling, "to_dict") else tiling
 
 
 def soft_slots_per_expert(config) -> int:

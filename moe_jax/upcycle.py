@@ -2,7 +2,8 @@
 
 Komatsuzaki et al., "Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints" (2023);
 Vavre et al., "Llama 3 Meets MoE: Efficient Upcycling" (2024). Every MoE layer's experts start as
-copies of that layer's dense MLP (w_up, w_gate, w_down), optionally perturbed; every other parameter
+copies of that layer's dense MLP (w_gate and w_up fused into the experts' w_gate_up, w_down),
+optionally perturbed; every other parameter
 (embedding, attention, norms, output projection, the FFNs that stay dense) is copied unchanged; the
 router, which the dense model lacks, is freshly initialised, as in both papers. We draw it from a
 zero-mean normal of small std (`router_init_std`, default 0.02), so the first routing decisions are
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.experts import fuse_gate_up
 from moe_jax.models.transformer import Transformer, is_moe_layer
 
 Params = dict[str, Any]
@@ -88,6 +90,16 @@ def _copy(dense: Any, template: Any, where: str) -> Any:
   return jax.tree.map(copy_leaf, dense, template)
 
 
+def _dense_counterpart(dense_ffn: Params, name: str) -> jax.Array:
+  """The dense MLP weight (or its moment) that expert parameter `name` copies.
+
+  Experts fuse SwiGLU's gate and up projections (`experts.fuse_gate_up`); the MLP keeps them apart.
+  """
+  if name == "w_gate_up":
+    return fuse_gate_up(jnp.asarray(dense_ffn["w_gate"]), jnp.asarray(dense_ffn["w_up"]))
+  return dense_ffn[name]
+
+
 def _map_tree(dense: Params, template: Params, moe_every: int, expert_fn, router_fn) -> Params:
   """Builds a tree shaped like `template` (MoE params) from `dense` (dense params).
 
@@ -103,7 +115,7 @@ def _map_tree(dense: Params, template: Params, moe_every: int, expert_fn, router
     ffn_template = block_template["ffn"]
     if is_moe_layer(int(i), moe_every):
       dense_ffn = dense_block["ffn"]
-      experts = {name: expert_fn(name, dense_ffn[name], leaf, int(i))
+      experts = {name: expert_fn(name, _dense_counterpart(dense_ffn, name), leaf, int(i))
                  for name, leaf in ffn_template["experts"].items()}
       router = {"kernel": router_fn(ffn_template["router"]["kernel"], int(i))}
       if "noise_kernel" in ffn_template["router"]:  # learned noisy top-k: W_noise starts at 0
@@ -134,7 +146,7 @@ def upcycle_params(dense_params: Params, dense_config, moe_config, *, noise_std:
     router_init_std: std of the zero-mean normal router init.
 
   Returns:
-    The MoE model's params (nnx pure dict; experts [E, D, F] / [E, F, D], router [D, E]).
+    The MoE model's params (nnx pure dict; experts [E, D, 2F] / [E, F, D], router [D, E]).
 
   Raises:
     ValueError: the configs are incompatible (names every field) or a shape does not match.

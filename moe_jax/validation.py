@@ -5,6 +5,7 @@ the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 from moe_jax import data, expert_parallel, losses, routing, sharding
@@ -15,6 +16,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
   """A config value is invalid; the message lists every bad field."""
+
+
+def _check_gmm_tiling(problems: list[str], moe) -> None:
+  """`model.moe.gmm_tiling` must be one the chosen backend accepts (checked by the backend)."""
+  tiling = moe.get("gmm_tiling", None)
+  if tiling is None:
+    return
+  from pallas_kernels.gmm import ops as gmm_ops  # the tiling rules live with the kernels
+  backend = moe.get("gmm_backend", "auto")
+  if backend not in gmm_ops.BACKENDS:
+    return  # reported by the gmm_backend check
+  backend = gmm_ops.resolve_backend(backend)
+  try:
+    gmm_ops.static_tiling(tiling.to_dict() if hasattr(tiling, "to_dict") else tiling, backend)
+  except (ValueError, TypeError) as e:
+    problems.append(f"config.model.moe.gmm_tiling={tiling!r} is invalid for gmm backend "
+                    f"{backend!r}: {e}")
 
 
 def _check(problems: list[str], config, path: str, allowed: str,
@@ -85,6 +103,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
           lambda v: v in pallas_kernels.BACKENDS)
     check("model.moe.ep_exchange", f"one of {expert_parallel.EXCHANGES}",
           lambda v: v in expert_parallel.EXCHANGES)
+    _check_ragged_exchange(problems, moe, check)
+    _check_gmm_tiling(problems, moe)
     _check_router_fields(problems, config, check)
     _check_causal_routing(problems, config)
     group_size = moe.get("group_size", 0)
@@ -243,6 +263,31 @@ def noncausal_routing(config) -> str | None:
           f"top_k={moe.get('top_k')})")
   return (f"model.moe.{what} with group_by='sequence' lets a token's output depend on later "
           "tokens of its sequence")
+
+
+def _check_ragged_exchange(problems: list[str], moe, check) -> None:
+  """`ep_exchange="ragged_all_to_all"` is dropless only; its receive-buffer factor is >= 0.
+
+  A factor in (0, 1) is allowed but warned about: the balanced load is T_local * K rows per
+  device, so such a buffer overflows on almost every step, and each overflowing step falls back
+  to the padded exchange (exact, but the padded exchange's cost plus the count exchange).
+  """
+  if moe.get("ep_exchange") == "ragged_all_to_all" and moe.get("capacity_factor") is not None:
+    problems.append(f"config.model.moe.ep_exchange='ragged_all_to_all' needs dropless dispatch "
+                    f"(capacity_factor=None), got capacity_factor={moe.capacity_factor}; "
+                    "capacity buffers have a fixed size, so ep_exchange='all_to_all' already "
+                    "sends exactly them.")
+  if "ep_recv_buffer_factor" not in moe:
+    return  # the code's default, 0 = the exact worst case
+  check("model.moe.ep_recv_buffer_factor",
+        "a number >= 0 (0 = the exact worst case ep * T_local * K rows; f > 0 = ceil(f * T_local "
+        "* K) rows)", _nonnegative_number)
+  factor = moe.ep_recv_buffer_factor
+  if (moe.get("ep_exchange") == "ragged_all_to_all" and _nonnegative_number(factor)
+      and 0 < factor < 1):
+    warnings.warn(f"config.model.moe.ep_recv_buffer_factor={factor} < 1 is below the balanced "
+                  "load (T_local * K rows per device): most steps will overflow the receive "
+                  "buffer and fall back to the padded all-to-all.", stacklevel=3)
 
 
 def _check_causal_routing(problems: list[str], config) -> None:

@@ -50,10 +50,15 @@ def np_params(layer):
   def get(param):
     return None if param is None else np.asarray(param[...], np.float64)
 
+  if layer.experts.w_gate_up is not None:  # SwiGLU: gate and up interleaved column by column
+    gate_up = get(layer.experts.w_gate_up)
+    w_gate, w_up = gate_up[..., 0::2], gate_up[..., 1::2]
+  else:
+    w_gate, w_up = None, get(layer.experts.w_up)
   params = {
       "router": get(layer.router.kernel),
-      "w_up": get(layer.experts.w_up),
-      "w_gate": get(layer.experts.w_gate),
+      "w_up": w_up,
+      "w_gate": w_gate,
       "w_down": get(layer.experts.w_down),
       "shared": None,
   }
@@ -304,7 +309,8 @@ def jnp_reference_loss(weights, x, index, kept, cfg, c):
   Every expert runs on every token; the routing choice (`index`, `kept`, from the NumPy reference)
   is a constant, as it is piecewise constant in the inputs.
   """
-  w_router, w_up, w_gate, w_down = weights
+  w_router, w_gate_up, w_down = weights
+  w_gate, w_up = w_gate_up[..., 0::2], w_gate_up[..., 1::2]
   batch, seq, d_model = x.shape
   tokens = x.reshape(batch * seq, d_model)
   logits = tokens @ w_router
@@ -342,16 +348,14 @@ def test_gradients_match_dense_reference(overrides):
   state = nnx.state(layer)
   loss, (g_state, g_x) = jax.jit(jax.value_and_grad(layer_loss, argnums=(0, 1)))(state,
                                                                                   jnp.asarray(x))
-  weights = (layer.router.kernel[...], layer.experts.w_up[...], layer.experts.w_gate[...],
-             layer.experts.w_down[...])
+  weights = (layer.router.kernel[...], layer.experts.w_gate_up[...], layer.experts.w_down[...])
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(
       lambda w, x: jnp_reference_loss(w, x, index, kept, cfg, c), argnums=(0, 1)))(
           weights, jnp.asarray(x))
   assert rel_err(loss, ref_loss) < 1e-5
-  (g_router, g_up, g_gate, g_down), ref_g_x = ref_grads
+  (g_router, g_gate_up, g_down), ref_g_x = ref_grads
   grads = {"x": (g_x, ref_g_x), "router": (g_state["router"]["kernel"][...], g_router),
-           "w_up": (g_state["experts"]["w_up"][...], g_up),
-           "w_gate": (g_state["experts"]["w_gate"][...], g_gate),
+           "w_gate_up": (g_state["experts"]["w_gate_up"][...], g_gate_up),
            "w_down": (g_state["experts"]["w_down"][...], g_down)}
   for name, (actual, expected) in grads.items():
     assert np.all(np.isfinite(np.asarray(actual))), name
@@ -427,3 +431,30 @@ def test_soft_moe_metrics_are_measured_not_constant():
   dispatch_entropy = -(dispatch * np.log(dispatch)).sum(1).mean()
   np.testing.assert_allclose(aux["soft_dispatch_entropy"], dispatch_entropy, rtol=1e-5)
   assert 0 < aux["router_entropy"] < np.log(3)
+
+
+# ------------------------------------------------------------------------------- gmm tiling field
+
+
+def test_gmm_tiling_reaches_the_kernel_and_keeps_the_function():
+  """model.moe.gmm_tiling: other row tiles give the same output; a bad tile is the kernel's error."""
+  x = random_x(21)
+  y_default, _, layer, _ = run(x, gmm_backend="blocked")
+  assert layer.experts.gmm_tiling is None
+  y_tiled, _, layer, _ = run(x, gmm_backend="blocked", gmm_tiling=(16, 4))
+  assert layer.experts.gmm_tiling == (16, 4)
+  assert rel_err(y_tiled, np.asarray(y_default, np.float64)) < 1e-6
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    run(x, gmm_backend="blocked", gmm_tiling=(4, 16))
+
+
+def test_gmm_tiling_is_validated_with_the_config():
+  from configs import default
+  from moe_jax.validation import validate_config
+  config = default.get_config()
+  config.model.moe.gmm_backend = "blocked"
+  config.model.moe.gmm_tiling = (64, 128)
+  with pytest.raises(ValueError, match="gmm_tiling=.*'blocked'"):
+    validate_config(config)
+  config.model.moe.gmm_tiling = (128, 64)
+  validate_config(config)

@@ -51,8 +51,10 @@ def random_input(seed=0):
 def dense_reference(layer: MoELayer, x, decision, kept=None):
   """sum_k w[t,k] * FFN_{e[t,k]}(x_t) over FFN experts (and kept slots), every expert on every
   token in float64, plus zero-computation experts; no dispatch code involved."""
-  w_up, w_gate, w_down = (None if w is None else np.asarray(w, np.float64)
-                          for w in layer.experts.weights())
+  w_in, w_down = (np.asarray(w, np.float64) for w in layer.experts.weights())
+  # SwiGLU experts interleave gate and up columns in one [E, D, 2F] weight.
+  w_gate, w_up = ((w_in[..., 0::2], w_in[..., 1::2]) if layer.experts.w_gate_up is not None
+                  else (None, w_in))
   tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
   up = np.einsum("td,edf->etf", tokens, w_up)
   if w_gate is not None:

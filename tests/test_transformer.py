@@ -220,5 +220,5 @@ def test_dense_variant_has_equal_active_ffn_flops():
     experts = block.ffn.experts
     # Weights a token multiplies: one dense MLP vs K experts of its top-K.
     dense_active = sum(p[...].size for p in (dense_ffn.w_up, dense_ffn.w_gate, dense_ffn.w_down))
-    expert_active = sum(p[...][0].size for p in (experts.w_up, experts.w_gate, experts.w_down))
+    expert_active = sum(p[...][0].size for p in (experts.w_gate_up, experts.w_down))
     assert dense_active == moe_config.moe.top_k * expert_active

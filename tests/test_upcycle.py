@@ -58,10 +58,13 @@ def test_upcycled_model_computes_the_dense_function(top_k, moe_every):
   for layer in range(moe_config.model.num_layers):
     ffn = moe_params["blocks"][layer]["ffn"]
     if "experts" in ffn:
-      for name in ("w_up", "w_gate", "w_down"):
-        for e in range(4):
-          np.testing.assert_array_equal(ffn["experts"][name][e],
-                                        params["blocks"][layer]["ffn"][name])
+      dense_ffn = params["blocks"][layer]["ffn"]
+      for e in range(4):
+        # Gate and up are interleaved column by column in the experts' fused weight.
+        gate_up = np.asarray(ffn["experts"]["w_gate_up"][e])
+        np.testing.assert_array_equal(gate_up[:, 0::2], dense_ffn["w_gate"])
+        np.testing.assert_array_equal(gate_up[:, 1::2], dense_ffn["w_up"])
+        np.testing.assert_array_equal(ffn["experts"]["w_down"][e], dense_ffn["w_down"])
       # A fresh, small, zero-mean router: not a copy of anything, not zero.
       kernel = np.asarray(ffn["router"]["kernel"])
       assert 0.01 < kernel.std() < 0.03 and abs(kernel.mean()) < 0.01
@@ -77,14 +80,14 @@ def test_noise_and_unnormalised_top_k_change_the_function():
   noisy = upcycle.upcycle_params(params, dense_config, moe_config, noise_std=0.05,
                                  rng=jax.random.key(1))
   assert rel_err(logits(moe_config, noisy, TOKENS), expected) > 1e-3
-  experts = noisy["blocks"][0]["ffn"]["experts"]["w_up"]
+  experts = noisy["blocks"][0]["ffn"]["experts"]["w_gate_up"]
   assert not np.allclose(experts[0], experts[1])  # each expert gets its own noise
   # Relative noise of std 0.05: the copies stay within a few percent of the dense weights.
   dense_w = np.asarray(params["blocks"][0]["ffn"]["w_up"])
-  assert 0.03 < rel_err(experts[0], dense_w) < 0.07
+  assert 0.03 < rel_err(np.asarray(experts[0])[:, 1::2], dense_w) < 0.07
   again = upcycle.upcycle_params(params, dense_config, moe_config, noise_std=0.05,
                                  rng=jax.random.key(1))
-  np.testing.assert_array_equal(again["blocks"][0]["ffn"]["experts"]["w_up"], experts)
+  np.testing.assert_array_equal(again["blocks"][0]["ffn"]["experts"]["w_gate_up"], experts)
   # Raw (unnormalised) top-2 probabilities sum to < 1, so the output is scaled down.
   _, raw_config = configs(normalize=False)
   raw = upcycle.upcycle_params(params, dense_config, raw_config, rng=jax.random.key(1))
@@ -144,9 +147,11 @@ def test_upcycled_optimizer_state():
   assert len(adam) == 1 and int(adam[0].count) == 3
   for moment, dense_moment in ((adam[0].mu, dense_adam[0].mu), (adam[0].nu, dense_adam[0].nu)):
     ffn = moment["blocks"][0]["ffn"]
-    np.testing.assert_array_equal(ffn["experts"]["w_up"][2],
+    np.testing.assert_array_equal(np.asarray(ffn["experts"]["w_gate_up"][2])[:, 1::2],
                                   dense_moment["blocks"][0]["ffn"]["w_up"])
-    assert np.abs(np.asarray(ffn["experts"]["w_up"])).max() > 0
+    np.testing.assert_array_equal(np.asarray(ffn["experts"]["w_gate_up"][2])[:, 0::2],
+                                  dense_moment["blocks"][0]["ffn"]["w_gate"])
+    assert np.abs(np.asarray(ffn["experts"]["w_gate_up"])).max() > 0
     np.testing.assert_array_equal(ffn["router"]["kernel"], 0.0)
   # One optimizer step on the upcycled state works and keeps the structure.
   updates, new_state = tx.update(jax.tree.map(jnp.ones_like, moe_params), moe_state, moe_params)

@@ -11,9 +11,10 @@ through a row mask, so no padded copy of the operands is ever built; on
 XLA:CPU that beat both a scatter into a padded [G * tile]-aligned buffer and
 a batched einsum over gathered per-tile weights (gathers are slow there).
 
-Operands are upcast to the float32 accumulation dtype tile by tile: exact
-(bf16 products are exact in float32), and XLA:CPU runs f32 dots faster than
-bf16 ones, which it routes through a slow path.
+Operands stay in their own dtype and every dot accumulates in float32
+(`preferred_element_type`): bf16 training keeps bf16 operands in all three
+passes and makes no float32 copy of the weights (issue #12). XLA:CPU runs
+bf16 dots slower than f32 ones, so on CPU an f32 model is the fast choice.
 """
 
 from collections.abc import Sequence
@@ -43,19 +44,20 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, out_dtype, ti
     tiling: None, a row tile size, or decreasing row tile sizes.
     transpose_rhs: see `rhs`.
   """
+  lhs, rhs = common.promote_operands(lhs, rhs)
   num_rows = lhs.shape[0]
   tiles = _tiles(tiling, num_rows)
-  acc_dtype = common.accumulation_dtype(jnp.result_type(lhs, rhs))
+  acc_dtype = common.accumulation_dtype(lhs.dtype)
   starts, ends = metadata.group_bounds(group_sizes, num_rows)
   contract = ((1,), (1 if transpose_rhs else 0,))
 
   def group_body(i, out):
-    # Sliced (and upcast) once per group, not per tile.
-    w = lax.dynamic_index_in_dim(rhs, i, keepdims=False).astype(acc_dtype)
+    # Sliced once per group, not per tile.
+    w = lax.dynamic_index_in_dim(rhs, i, keepdims=False)
 
     def tile_body(start, size, out):
       row, mask = metadata.tile_window(start, ends[i], size, num_rows)
-      x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
+      x = lax.dynamic_slice_in_dim(lhs, row, size)
       y = lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=acc_dtype)
       # Keep the rows this tile may not overwrite: the next group's (the
       # last tile overhangs its group) and, near the bottom of lhs, rows
@@ -89,17 +91,18 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, out_dtype,
   (over 10x slower). Empty groups come out as exact zeros and rows past
   sum(group_sizes) (even NaN ones) are ignored.
   """
+  lhs, grad = common.promote_operands(lhs, grad)
   num_rows, k = lhs.shape
   n = grad.shape[1]
   tiles = _tiles(tiling, num_rows)
   largest, tail_sizes = tiles[0], metadata.tail_tile_sizes(tiles)
-  acc_dtype = common.accumulation_dtype(jnp.result_type(lhs, grad))
+  acc_dtype = common.accumulation_dtype(lhs.dtype)
   starts, ends = metadata.group_bounds(group_sizes, num_rows)
 
   def tile_product(start, end, size, inside=False):
     row, mask = metadata.tile_window(start, end, size, num_rows)
-    x = lax.dynamic_slice_in_dim(lhs, row, size).astype(acc_dtype)
-    g = lax.dynamic_slice_in_dim(grad, row, size).astype(acc_dtype)
+    x = lax.dynamic_slice_in_dim(lhs, row, size)
+    g = lax.dynamic_slice_in_dim(grad, row, size)
     if not inside:
       # Both operands are masked: a zeroed row of one side would still let a
       # NaN or Inf in the other side's foreign rows through (0 * inf = nan).

@@ -7,6 +7,11 @@ the VJP below turns any such pair into a differentiable `gmm`:
   d_lhs = gmm(grad, rhs^T)     (rhs^T contracted in place, never materialized)
   d_rhs = tgmm(lhs, grad)
 so the backward pass costs what the forward costs on every backend.
+
+The backward passes run in the forward's compute dtype: the cotangent (float32 when the forward
+asked for a float32 result) is cast to `result_type(lhs, rhs)` before both backward products, so
+with bf16 operands all three grouped matmuls take bf16 operands and accumulate in float32, and no
+float32 copy of the [G, K, N] weights is ever made (as in Megablox and MaxText's bf16 training).
 """
 
 import functools
@@ -124,7 +129,7 @@ def _out_dtype(preferred_element_type, *operands) -> np.dtype:
   return dtype
 
 
-def _static_tiling(tiling, backend: str):
+def static_tiling(tiling, backend: str):
   """Validates `tiling` for the backend and makes it hashable (it is static)."""
   if backend == "blocked":
     return metadata.normalize_row_tiles(tiling)
@@ -154,6 +159,9 @@ def _gmm_bwd(out_dtype, tiling, backend, interpret, residuals, grad):
   del out_dtype
   lhs, rhs, group_sizes = residuals
   impl = _IMPLEMENTATIONS[backend]
+  # The compute dtype, not float32: promoting the f32 cotangent with bf16 operands would run both
+  # backward products in f32 on an f32 copy of the weights. Accumulation stays f32 in every backend.
+  grad = grad.astype(jnp.result_type(lhs, rhs))
   kwargs = _interpret_kwargs(backend, interpret)
   d_lhs = impl.gmm(grad, rhs, group_sizes, out_dtype=lhs.dtype, tiling=tiling, transpose_rhs=True,
                    **kwargs)
@@ -201,7 +209,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_ele
   _check_operands(lhs, rhs, "rhs", "gkn", "k")
   _check_group_sizes(group_sizes, rhs.shape[0], "rhs")
   out_dtype = _out_dtype(preferred_element_type, lhs, rhs)
-  tiling = _static_tiling(tiling, backend)
+  tiling = static_tiling(tiling, backend)
   if lhs.shape[0] == 0 or rhs.shape[0] == 0:
     return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
   return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), out_dtype, tiling, backend, interpret)
@@ -230,7 +238,7 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, preferred_e
            f"{group_sizes.shape}.")
   _check_group_sizes(group_sizes, group_sizes.shape[0], "group_sizes")
   out_dtype = _out_dtype(preferred_element_type, lhs, grad)
-  tiling = _static_tiling(tiling, backend)
+  tiling = static_tiling(tiling, backend)
   out_shape = (group_sizes.shape[0], lhs.shape[1], grad.shape[1])
   if lhs.shape[0] == 0 or group_sizes.shape[0] == 0:
     return jnp.zeros(out_shape, out_dtype)
