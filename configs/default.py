@@ -137,6 +137,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   train.eval_every = 250  # Steps between evaluations (and at the end).
   train.checkpoint_every = 500  # Steps between checkpoints (and at the end).
   train.keep_checkpoints = 3  # Checkpoints kept on disk.
+  # Micro-batches per step (gradient accumulation, summed in float32 in one jitted step; divides
+  # data.batch_size). Balance statistics and router-state updates use the whole global batch.
+  train.grad_accum_steps = 1
 
   if variant in (None, ""):
     pass

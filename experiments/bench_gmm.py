@@ -25,6 +25,15 @@ same run are printed as a table and written as CSV (--csv).
   python experiments/bench_gmm.py --shapes=moe_cpu --scale=1 --num_tokens=4096 \
       --backends=blocked --peers= --include_tgmm
 
+Tiling (--tiling) goes to every timed gmm backend that takes one ("blocked",
+"gpu", "tpu"; "xla" and "reference" have none), for gmm and tgmm alike:
+  --tiling=128,128,64                          one (tm, tk, tn) for every pass (gpu, tpu);
+  --tiling='fwd:128,128,64;drhs:64,128,128'    per pass, others at their defaults (gpu, tpu);
+  --tiling=256  or  --tiling=512,128,32        the row tile(s), decreasing (blocked).
+The kernel's own validation runs on it before anything is timed; a tile that is
+only wrong for a shape (e.g. not a multiple of 128 for compiled TPU) shows up as
+that candidate's failure note.
+
 Shapes (--shapes; --num_tokens overrides T, --scale divides d and f):
   mixtral             d 4096, f 14336, E 8, top-2, T 8192 (Mixtral 8x7B experts).
   deepseek_v2         d 2048, f 1408, E 64, top-6, T 8192 (DeepSeek-V2-Lite experts).
@@ -76,7 +85,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from pallas_kernels.gmm import gpu  # noqa: E402
+from pallas_kernels.gmm import metadata  # noqa: E402
 from pallas_kernels.gmm import ops  # noqa: E402
+from pallas_kernels.gmm import tpu  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +114,10 @@ SKEWS = ("balanced", "skewed")
 PEERS = ("ragged_dot", "tokamax", "torch")
 OPS = ("fwd", "fwd+bwd", "tgmm")
 CSV_COLUMNS = ("shape", "skew", "dtype", "device", "num_tokens", "top_k", "experts", "m", "k", "n",
-               "op", "impl", "ms", "tflops_per_s", "flops", "vs_dense", "vs_fwd")
+               "op", "impl", "ms", "tflops_per_s", "flops", "vs_dense", "vs_fwd", "tiling")
+# The backends that take `tiling=`, with the normalizer each runs on it.
+TILING_NORMALIZERS = {"blocked": metadata.normalize_row_tiles, "gpu": gpu.normalize_tiling,
+                      "tpu": tpu.normalize_tiling}
 # CPU defaults, small enough for a smoke test of every preset in a few minutes (ragged_dot
 # costs E x the FLOPs there). On CPU dispatch is cheap next to the work: one call per sample.
 CPU_DEFAULT_SCALE = 16
@@ -136,6 +151,10 @@ _CALLS = flags.DEFINE_integer(
     "overlaps the device's work as in a training step, JAX and torch alike (default "
     f"{ACCELERATOR_CALLS_PER_SAMPLE}; {CPU_DEFAULT_CALLS_PER_SAMPLE} on CPU).")
 _INCLUDE_TGMM = flags.DEFINE_bool("include_tgmm", False, "Also time tgmm (the d rhs) alone.")
+_TILING = flags.DEFINE_string(
+    "tiling", "", "Tiling for the backends that take one (blocked, gpu, tpu): 'tm,tk,tn', "
+    "'fwd:tm,tk,tn;dlhs:tm,tk,tn;drhs:tm,tk,tn' (any subset of the passes) or, for blocked, "
+    "decreasing row tiles 'r1[,r2...]'. Empty: each backend's defaults.")
 _CSV = flags.DEFINE_string("csv", "", "Write the rows here as CSV.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for group sizes and inputs.")
 _RAGGED_DOT_MAX_GIB = flags.DEFINE_float(
@@ -149,6 +168,89 @@ def flops(op: str, m: int, k: int, n: int) -> int:
   if op not in OPS:
     raise ValueError(f"op must be one of {OPS}; got {op!r}.")
   return (3 if op == "fwd+bwd" else 1) * 2 * m * k * n
+
+
+def parse_tiling(text: str):
+  """The `tiling=` value a `--tiling` string spells, before any backend's own validation.
+
+  Args:
+    text: "" (defaults), comma-separated ints ("128,128,64": one `(tm, tk, tn)`
+      for the Pallas backends; "256" or "512,128": the blocked backend's row
+      tiles), or ";"-separated `pass:tm,tk,tn` items with passes from
+      `metadata.PASSES` ("fwd:128,128,64;drhs:64,128,128").
+
+  Returns:
+    None, an int (one number), a tuple of ints, or a dict from pass to `(tm, tk, tn)`.
+
+  Raises:
+    ValueError: naming --tiling, for text of none of these forms.
+  """
+  def ints(part: str, what: str) -> tuple[int, ...]:
+    try:
+      values = tuple(int(v) for v in part.split(","))
+    except ValueError:
+      values = ()
+    if not values or any(v <= 0 for v in values):
+      raise ValueError(f"--tiling: {what} must be comma-separated positive ints; got {part!r}.")
+    return values
+
+  text = "".join(text.split())
+  if not text:
+    return None
+  if ":" not in text:
+    values = ints(text, "the tiling")
+    return values[0] if len(values) == 1 else values
+  per_pass = {}
+  for item in filter(None, text.split(";")):
+    name, sep, tiles = item.partition(":")
+    if not sep or name not in metadata.PASSES:
+      raise ValueError(f"--tiling: each ';'-separated item must be 'pass:tm,tk,tn' with pass in "
+                       f"{metadata.PASSES}; got {item!r}.")
+    if name in per_pass:
+      raise ValueError(f"--tiling: pass {name!r} is given twice.")
+    values = ints(tiles, f"the tiles of {name!r}")
+    if len(values) != 3:
+      raise ValueError(f"--tiling: pass {name!r} needs three tiles (tm, tk, tn); got {tiles!r}.")
+    per_pass[name] = values
+  return per_pass
+
+
+def check_tiling(tiling, backends: Sequence[str]) -> list[str]:
+  """Runs each backend's own tiling validation; returns the backends the tiling goes to.
+
+  Raises:
+    ValueError: when a backend rejects it (the kernel's message, naming the
+      backend), or when a tiling is given but no backend takes one.
+  """
+  tiled = [b for b in backends if b in TILING_NORMALIZERS]
+  if tiling is None:
+    return tiled
+  if not tiled:
+    raise ValueError(f"--tiling {tiling!r} given, but none of the backends {list(backends)} takes "
+                     f"a tiling (only {sorted(TILING_NORMALIZERS)} do; 'auto' resolves per "
+                     "platform).")
+  for backend in tiled:
+    try:
+      TILING_NORMALIZERS[backend](tiling)
+    except ValueError as e:
+      raise ValueError(f"--tiling for backend {backend!r}: {e} (time backends that need "
+                       "different tilings in separate runs)") from e
+  return tiled
+
+
+def gmm_candidates(backends: Sequence[str], tiling=None) -> tuple[dict, dict]:
+  """The timed gmm and tgmm callables, `{f"gmm[{b}]": fn(lhs, rhs_or_grad, group_sizes)}` each.
+
+  `tiling` goes to the backends in `TILING_NORMALIZERS` only.
+  """
+  matmuls, tgmms = {}, {}
+  for backend in backends:
+    kwargs = dict(backend=backend)
+    if backend in TILING_NORMALIZERS:
+      kwargs["tiling"] = tiling
+    matmuls[f"gmm[{backend}]"] = lambda a, b, s, kw=kwargs: pallas_kernels.gmm(a, b, s, **kw)
+    tgmms[f"gmm[{backend}]"] = lambda a, g, s, kw=kwargs: pallas_kernels.tgmm(a, g, s, **kw)
+  return matmuls, tgmms
 
 
 def scaled(shape: Shape, scale: int) -> Shape:
@@ -318,19 +420,19 @@ def _resolve_backends(backends: Sequence[str]) -> list[str]:
   return resolved
 
 
-def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, dtype=None,
+def run_benchmark(shape_names: Sequence[str | Shape], *, num_tokens: int | None = None, dtype=None,
                   skews: Sequence[str] = SKEWS, backends: Sequence[str] = ("auto", "xla"),
                   peers: Sequence[str] = PEERS,
                   repeats: int = 10, warmup: int = 2, calls_per_sample: int | None = None,
                   include_tgmm: bool = False,
                   scale: int | None = None, csv_path: str = "", seed: int = 0,
-                  zipf_exponent: float = 1.2, ragged_dot_max_gib: float = 16.0,
+                  zipf_exponent: float = 1.2, ragged_dot_max_gib: float = 16.0, tiling=None,
                   log: Callable[[str], None] = functools.partial(print, flush=True)
                   ) -> list[dict]:
   """Times every candidate on every (shape, skew, op); prints a table; returns the rows.
 
   Args:
-    shape_names: keys of `PRESETS`.
+    shape_names: keys of `PRESETS`, or `Shape`s (e.g. from experiments/device_check.py).
     num_tokens: T for every shape (None: the preset's, or `CPU_DEFAULT_NUM_TOKENS` on CPU).
     dtype: input dtype (None: bfloat16 on accelerators, float32 on CPU).
     skews: group-size distributions, from `SKEWS`.
@@ -346,24 +448,29 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
     seed: seed for group sizes and inputs.
     zipf_exponent: the exponent of the "skewed" distribution.
     ragged_dot_max_gib: see the module docstring; negative never skips.
+    tiling: `tiling=` for the backends that take one (see `parse_tiling`), checked by each
+      backend's own validation before anything is timed; None: their defaults.
     log: where the table and notes go.
 
   Returns:
     One dict per row with the keys `CSV_COLUMNS` (`vs_fwd` is None except on
-    tgmm rows with a forward row of the same implementation).
+    tgmm rows with a forward row of the same implementation; `tiling` is the
+    tiling's repr on the rows of the backends it went to, else "").
   """
   on_cpu = jax.default_backend() == "cpu"
   dtype = jnp.dtype(dtype or ("float32" if on_cpu else "bfloat16"))
   scale = scale or (CPU_DEFAULT_SCALE if on_cpu else 1)
   calls_per_sample = calls_per_sample or (CPU_DEFAULT_CALLS_PER_SAMPLE if on_cpu
                                           else ACCELERATOR_CALLS_PER_SAMPLE)
-  unknown = [s for s in shape_names if s not in PRESETS]
+  unknown = [s for s in shape_names if not isinstance(s, Shape) and s not in PRESETS]
   if unknown:
     raise ValueError(f"unknown shapes {unknown}; choose from {sorted(PRESETS)}.")
   backends = _resolve_backends(backends)
   unknown = [p for p in peers if p not in PEERS]
   if unknown:
     raise ValueError(f"unknown peers {unknown}; choose from {PEERS}.")
+  tiled = check_tiling(tiling, backends)
+  tiling_text = "" if tiling is None else repr(tiling)
   op_names = OPS if include_tgmm else OPS[:2]
   device = jax.devices()[0].device_kind
   torch_peer = _Torch(dtype) if "torch" in peers else None
@@ -373,6 +480,8 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
       f"({jax.default_backend()}), {platform.machine()}, {os.cpu_count()} CPUs"
       + (f", torch {torch_peer.torch.__version__}" if torch_peer and torch_peer.torch else ""))
   log("# command: python " + " ".join(sys.argv))
+  if tiling is not None:
+    log(f"# tiling {tiling_text} for {', '.join(f'gmm[{b}]' for b in tiled)}; others at defaults")
   log(f"# dtype {dtype.name}, d and f divided by {scale}; time per call: median of {repeats} "
       f"samples of {calls_per_sample} back-to-back calls; TFLOP/s and "
       "ratio to the dense matmul of equal FLOPs in the same run; vs fwd: tgmm / forward TFLOP/s")
@@ -383,8 +492,9 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
 
   rows = []
   key = jax.random.key(seed)
-  for shape_name in shape_names:
-    shape = scaled(PRESETS[shape_name], scale)
+  for shape in shape_names:
+    shape = scaled(shape if isinstance(shape, Shape) else PRESETS[shape], scale)
+    shape_name = shape.name
     t = num_tokens or (min(shape.num_tokens, CPU_DEFAULT_NUM_TOKENS) if on_cpu
                        else shape.num_tokens)
     m, k, n, e = t * shape.top_k, shape.d, shape.f, shape.experts
@@ -416,14 +526,10 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
         matmuls["jax.lax.ragged_dot"] = (lambda a, b, s: jax.lax.ragged_dot(a, b, s), w)
       if tokamax is not None:
         matmuls["tokamax.ragged_dot"] = (lambda a, b, s: tokamax.ragged_dot(a, b, s), w)
-      for backend in backends:
-        if skip_expanded and backend in ("xla", "reference"):
-          continue
-        matmuls[f"gmm[{backend}]"] = (
-            lambda a, b, s, backend=backend: pallas_kernels.gmm(a, b, s, backend=backend), w)
-      tgmms = {"dense": lambda a, g, s: a.T @ g}
-      tgmms.update({f"gmm[{b}]": (lambda a, g, s, b=b: pallas_kernels.tgmm(a, g, s, backend=b))
-                    for b in backends if not (skip_expanded and b in ("xla", "reference"))})
+      gmm_fns, tgmm_fns = gmm_candidates(
+          [b for b in backends if not (skip_expanded and b in ("xla", "reference"))], tiling)
+      matmuls.update({name: (fn, w) for name, fn in gmm_fns.items()})
+      tgmms = {"dense": lambda a, g, s: a.T @ g, **tgmm_fns}
       torch_timers = {}
       if torch_peer and torch_peer.torch:
         try:
@@ -453,7 +559,8 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
                      top_k=shape.top_k, experts=e, m=m, k=k, n=n, op=op, impl=impl,
                      ms=sec * 1e3, tflops_per_s=op_flops / sec / 1e12, flops=op_flops,
                      vs_dense=seconds["dense"] / sec if "dense" in seconds else None,
-                     vs_fwd=fwd_sec / sec if fwd_sec else None)
+                     vs_fwd=fwd_sec / sec if fwd_sec else None,
+                     tiling=tiling_text if impl in {f"gmm[{b}]" for b in tiled} else "")
           rows.append(row)
           fmt = lambda v: "" if v is None else f"{v:.2f}"
           log(f"| {op} | {impl} | {row['ms']:.3f} | {row['tflops_per_s']:.3g} | "
@@ -474,12 +581,17 @@ def run_benchmark(shape_names: Sequence[str], *, num_tokens: int | None = None, 
 
 def main(argv):
   del argv
+  try:
+    tiling = parse_tiling(_TILING.value)
+    check_tiling(tiling, _resolve_backends(_BACKENDS.value))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   run_benchmark(_SHAPES.value, num_tokens=_NUM_TOKENS.value, dtype=_DTYPE.value, skews=_SKEW.value,
                 backends=_BACKENDS.value, peers=_PEERS.value, repeats=_REPEATS.value,
                 warmup=_WARMUP.value, calls_per_sample=_CALLS.value,
                 include_tgmm=_INCLUDE_TGMM.value, scale=_SCALE.value, csv_path=_CSV.value,
                 seed=_SEED.value, zipf_exponent=_ZIPF.value,
-                ragged_dot_max_gib=_RAGGED_DOT_MAX_GIB.value)
+                ragged_dot_max_gib=_RAGGED_DOT_MAX_GIB.value, tiling=tiling)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ it estimates, per device, per MoE layer and per training step:
                            K = the router's slots per token (`routing.slots_per_token`): top_k for
                            token choice and random routing, E' for expert choice and ReLU, E' or
                            max_experts_per_token for top-p.
-      ragged_all_to_all    the exact dropless exchange (what lax.ragged_all_to_all would send): the
-                           T_local * top_k routed rows, (ep - 1)/ep of them off-device in
-                           expectation.
+      ragged_all_to_all    the exact dropless exchange (moe.ep_exchange="ragged_all_to_all" on GPU
+                           and TPU, where lax.ragged_all_to_all exists): the T_local * top_k
+                           routed rows, (ep - 1)/ep of them off-device in expectation (on CPU the
+                           layer runs a padded stand-in, and a step that overfills the receive
+                           buffer falls back to padded_all_to_all; neither is modelled).
       allgather            all-gather the T_local * D tokens over the expert axis, run the local
                            experts on every gathered token routed to them, reduce-scatter the
                            [ep * T_local, D] partial outputs back.
@@ -124,13 +126,21 @@ def tokens_per_device(config, sizes: Mapping[str, int]) -> int:
 
 def config_mode(config) -> str:
   """The exchange the config's EP layer performs (moe.ep_exchange and capacity_factor decide)."""
-  if config.model.moe.get("ep_exchange", "all_to_all") == "allgather":
+  exchange = config.model.moe.get("ep_exchange", "all_to_all")
+  if exchange == "allgather":
     return "allgather"
+  if exchange == "ragged_all_to_all":  # dropless only (validation rejects it with capacity)
+    return "ragged_all_to_all"
   return "padded_all_to_all" if config.model.moe.capacity_factor is None else "capacity_all_to_all"
 
 
 def configurable_modes(config) -> tuple[str, ...]:
-  """The modes `moe.ep_exchange` can select for this config (ragged is not implemented yet)."""
+  """The modes the recipes are ranked among (`--modes=any`).
+
+  `moe.ep_exchange="ragged_all_to_all"` can also select ragged_all_to_all for a dropless config;
+  it is left out here until that exchange has run on a GPU or TPU (only its CPU stand-in has been
+  tested). Pass --modes=ragged_all_to_all,... to rank it.
+  """
   if config.model.moe.capacity_factor is None:
     return ("padded_all_to_all", "allgather")
   return ("capacity_all_to_all", "allgather")
@@ -616,7 +626,8 @@ if __name__ == "__main__":
                                   "Machine (moe_jax/targets.py); default: the config variant.")
   _MODES = _flags.DEFINE_list(
       "modes", ["config"], f"Exchanges to rank: 'config' (the config's), 'any' (every one "
-      f"moe.ep_exchange can select) or names from {MODES}.")
+      f"moe.ep_exchange can select but ragged_all_to_all, see configurable_modes) or names from "
+      f"{MODES}.")
   _CAPACITY_FACTOR = _flags.DEFINE_float(
       "capacity_factor", 1.25, "Capacity factor of capacity_all_to_all for a dropless config.")
   _TOP = _flags.DEFINE_integer("top", 10, "Rows shown.")

@@ -45,8 +45,8 @@ def experts_per_token(decision: RoutingDecision, num_ffn_experts: int) -> jax.Ar
 
 
 def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | None = None,
-                             num_segments: int = 1, expert_weight: jax.Array | None = None
-                             ) -> jax.Array:
+                             num_segments: int = 1, expert_weight: jax.Array | None = None,
+                             global_load: jax.Array | None = None) -> jax.Array:
   """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4), generalised to top-k.
 
       loss = E * sum_i f_i * P_i,
@@ -62,10 +62,15 @@ def switch_load_balance_loss(decision: RoutingDecision, segments: jax.Array | No
 
   `expert_weight` [E] (eta_i) weights each expert's term, E * sum_i eta_i f_i P_i: MoE++'s
   heterogeneous load balance loss (`zero_expert_balance_weights`). None = 1 for every expert.
+
+  `global_load` [E] replaces this batch's f_i with the f_i of a larger batch that this one is part
+  of (gradient accumulation: the whole global batch, measured by a forward pass before the
+  gradient pass). Each micro-batch's loss E * sum_i f_i^global P_i^micro then averages over equal
+  micro-batches to exactly the global-batch loss, and so do its gradients.
   """
   eta = 1.0 if expert_weight is None else jnp.asarray(expert_weight, jnp.float32)
   if segments is None or num_segments == 1:
-    load = jax.lax.stop_gradient(expert_load(decision))
+    load = jax.lax.stop_gradient(expert_load(decision) if global_load is None else global_load)
     mean_prob = _valid_mean(decision.router_probs, decision.valid)
     return decision.num_experts * jnp.sum(eta * load * mean_prob)
   num_experts = decision.num_experts

@@ -106,13 +106,17 @@ class MoELayer(nnx.Module):
                            if config.router == "relu" else None)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               rng: jax.Array | None = None,
+               global_load: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """x [B, S, D], mask [B, S] -> (y [B, S, D], aux).
 
     Args:
       train: update router state (loss-free bias, L1 coefficient) from this batch's routing.
       rng: PRNG key for training-time routing noise (jitter, noisy top-k, random routing); None
         means no noise.
+      global_load: [E'] expert load f_i of the global batch this batch is a micro-batch of, for
+        the global-scope balance loss under gradient accumulation (see
+        `losses.switch_load_balance_loss`); None = this batch's own load.
     """
     by_position = self.config.get("group_by", "sequence") == "position"
     if by_position:  # groups = the tokens at one position across the batch
@@ -129,7 +133,7 @@ class MoELayer(nnx.Module):
       token_id = jnp.arange(rows * seq)
       batch_row = token_id % seq if by_position else token_id // seq
       y, aux = self._sparse(tokens, valid, group_size, batch_row, seq if by_position else rows,
-                            train=train, rng=rng)
+                            train=train, rng=rng, global_load=global_load)
     y = y.reshape(rows, seq, d_model)
     if self.shared_experts is not None:
       shared = self.shared_experts(x).astype(jnp.float32)
@@ -188,7 +192,8 @@ class MoELayer(nnx.Module):
     return dispatch.expert_capacity(group_size, self.num_experts, self.top_k,
                                     self.config.capacity_factor)
 
-  def _sparse(self, tokens, valid, group_size, batch_row, num_batch_rows, *, train, rng):
+  def _sparse(self, tokens, valid, group_size, batch_row, num_batch_rows, *, train, rng,
+              global_load=None):
     decision = self.route(tokens, valid, group_size, rng=rng)
     index, weight = self.ffn_assignments(decision)
     mesh = jax.sharding.get_abstract_mesh()
@@ -212,12 +217,12 @@ class MoELayer(nnx.Module):
       dropped = (1.0 - jnp.sum(kept) / jnp.maximum(assigned, 1)).astype(jnp.float32)
     if self.zero_experts is not None:
       y = y + self.zero_experts(tokens, decision.expert_index, decision.combine_weight)
-    aux = self._sparse_aux(decision, dropped, batch_row, num_batch_rows)
+    aux = self._sparse_aux(decision, dropped, batch_row, num_batch_rows, global_load)
     if train:
       self._update_router_state(decision)
     return y, aux
 
-  def _sparse_aux(self, decision, dropped, batch_row, num_batch_rows) -> dict:
+  def _sparse_aux(self, decision, dropped, batch_row, num_batch_rows, global_load=None) -> dict:
     """Weighted auxiliary loss and metrics; `batch_row` [T] is each token's sequence."""
     config = self.config
     # MoE++'s heterogeneous balance loss: weight tau on the zero-computation experts' terms.
@@ -232,7 +237,8 @@ class MoELayer(nnx.Module):
       balance = losses.switch_load_balance_loss(decision, batch_row // per_micro,
                                                 -(-num_batch_rows // per_micro), eta)
     else:
-      balance = losses.switch_load_balance_loss(decision, expert_weight=eta)
+      balance = losses.switch_load_balance_loss(decision, expert_weight=eta,
+                                                global_load=global_load)
     z_loss = losses.router_z_loss(decision)
     entropy = losses.router_entropy(decision)
     total = config.load_balance_loss_weight * balance + config.router_z_loss_weight * z_loss
@@ -240,6 +246,8 @@ class MoELayer(nnx.Module):
         "load_balance_loss": balance,
         "router_z_loss": z_loss,
         "expert_load": losses.expert_load(decision),
+        # Assignments per router output: what gradient accumulation sums over micro-batches.
+        "expert_counts": losses.expert_counts(decision),
         "dropped_fraction": dropped,
         "router_entropy": entropy,
         "experts_per_token": losses.experts_per_token(decision, self.num_experts),
@@ -266,13 +274,24 @@ class MoELayer(nnx.Module):
 
   def _update_router_state(self, decision: routing.RoutingDecision) -> None:
     """Rule-based updates after routing this (global) batch; outside the gradient."""
+    self.update_router_state(losses.expert_counts(decision),
+                             losses.gate_sparsity(decision) if self.l1_coefficient is not None
+                             else None)
+
+  def update_router_state(self, expert_counts: jax.Array, gate_sparsity: jax.Array | None) -> None:
+    """One rule-based update from a whole batch's statistics (see `_update_router_state`).
+
+    Args:
+      expert_counts: [E'] assignments per router output over the batch (loss-free bias).
+      gate_sparsity: scalar fraction of zero ReLU gates over the batch (ReMoE), or None.
+    """
     if self.selection_bias is not None:
       self.selection_bias[...] = router_state.loss_free_bias_update(
-          self.selection_bias[...], losses.expert_counts(decision), self.bias_update_rate)
+          self.selection_bias[...], expert_counts, self.bias_update_rate)
     if self.l1_coefficient is not None:
       target = self.config.get("relu_target_sparsity", 0.0) or 1.0 - self.top_k / self.num_experts
       self.l1_coefficient[...] = router_state.l1_coefficient_update(
-          self.l1_coefficient[...], losses.gate_sparsity(decision), target,
+          self.l1_coefficient[...], gate_sparsity, target,
           self.config.get("relu_l1_update_factor", 1.2))
 
   def _expert_parallel(self, tokens, index, weight, group_size, mesh, priority=None):
@@ -281,8 +300,10 @@ class MoELayer(nnx.Module):
     common = dict(mesh=mesh, exchange=self.config.get("ep_exchange", "all_to_all"),
                   activation=experts.activation, dtype=experts.dtype)
     if self.config.capacity_factor is None:
-      y = expert_parallel.dropless(tokens, index, weight, experts.weights(),
-                                   backend=experts.gmm_backend, **common)
+      y = expert_parallel.dropless(
+          tokens, index, weight, experts.weights(), backend=experts.gmm_backend,
+          tiling=experts.gmm_tiling,
+          recv_buffer_factor=self.config.get("ep_recv_buffer_factor", 0.0), **common)
       return y, None
     return expert_parallel.with_capacity(tokens, index, weight, experts.weights(),
                                          group_size=group_size,

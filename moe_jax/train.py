@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from moe_jax import checkpoint, data, sharding
+from moe_jax import checkpoint, data, grad_accum, sharding
 from moe_jax.models.transformer import Transformer
 from moe_jax.router_state import RouterState
 from moe_jax.validation import validate_config
@@ -152,6 +152,20 @@ def resumed_horizon(train_config, saved: int | None, step: int) -> tuple[int, st
   return saved, f"schedule horizon {saved} (saved with the checkpoint)"
 
 
+def fresh_state(config, mesh, tx) -> tuple[Any, State]:
+  """(graphdef, the step-0 training state {"step", "params", "opt_state"[, "router_state"]}).
+
+  For tools that run `train_step` outside the loop (benchmarks, tests); the loop builds its own
+  state with shardings and the saved schedule horizon.
+  """
+  graphdef, params, _ = build_model(config, mesh)
+  router_state = init_router_state(config, mesh)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if router_state:
+    state["router_state"] = router_state
+  return graphdef, state
+
+
 def optimizer_shardings(tx, params, param_shardings, mesh):
   """Optimizer-state shardings: moments shard like their parameters, counters are replicated."""
   abstract_state = jax.eval_shape(tx.init, params)
@@ -180,13 +194,24 @@ def loss_fn(params, batch, graphdef, router_state=None, *, train: bool = False,
   return ce_loss + aux["loss"], (ce_loss, aux)
 
 
-def train_step(state: State, batch: dict, *, graphdef, tx, seed: int = 0) -> tuple[State, dict]:
-  """One optimiser step. Pure: (state, batch) -> (new state, metrics)."""
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (total, (ce_loss, aux)), grads = grad_fn(
-      state["params"], batch, graphdef, state.get("router_state"), train=True,
-      rng=routing_key(seed, state["step"]))
-  new_router_state = aux.pop("router_state", None)
+def train_step(state: State, batch: dict, *, graphdef, tx, seed: int = 0, grad_accum_steps: int = 1,
+               global_balance: bool = False) -> tuple[State, dict]:
+  """One optimiser step. Pure: (state, batch) -> (new state, metrics).
+
+  With `grad_accum_steps` k > 1 the batch is k micro-batches whose gradients are summed in
+  float32 (`moe_jax.grad_accum`); `global_balance` (= `grad_accum.needs_global_load`) gives their
+  balance loss the global batch's expert load.
+  """
+  rng = routing_key(seed, state["step"])
+  if grad_accum_steps > 1:
+    total, (ce_loss, aux), grads, new_router_state = grad_accum.accumulated_loss_and_grads(
+        state["params"], batch, graphdef, state.get("router_state"), steps=grad_accum_steps,
+        rng=rng, global_balance=global_balance)
+  else:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, (ce_loss, aux)), grads = grad_fn(
+        state["params"], batch, graphdef, state.get("router_state"), train=True, rng=rng)
+    new_router_state = aux.pop("router_state", None)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": ce_loss, "total_loss": total, "grad_norm": optax.tree.norm(grads)}
@@ -404,7 +429,15 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
     logging.info("Learning-rate schedule %r over %d steps.", config.train.get("schedule", "cosine"),
                  horizon)
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, seed=config.seed),
+  accum = config.train.get("grad_accum_steps", 1) or 1
+  if accum > 1:
+    logging.info("Gradient accumulation: %d micro-batches of %d sequences per step%s.", accum,
+                 config.data.batch_size // accum,
+                 "; a forward pass first measures the global batch's expert load for the balance "
+                 "loss" if grad_accum.needs_global_load(config.model) else "")
+  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, seed=config.seed,
+                                      grad_accum_steps=accum,
+                                      global_balance=grad_accum.needs_global_load(config.model)),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
   eval_shardings = (param_shardings, batch_sharding)

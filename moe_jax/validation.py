@@ -132,6 +132,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check("train.grad_clip_norm", "a number >= 0 (0 disables clipping)", _nonnegative_number)
   check("train.weight_decay", "a number >= 0", _nonnegative_number)
 
+  _check_grad_accum(problems, config)
   _check_mesh(problems, config, num_devices)
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
@@ -327,6 +328,50 @@ def _check_schedule(problems: list[str], train_config) -> None:
                     "(0, 1].")
 
 
+def _check_grad_accum(problems: list[str], config) -> None:
+  """`train.grad_accum_steps`: divides the batch; refuses MoE terms micro-batches cannot sum.
+
+  Accumulation is exact when every loss term is a mean over tokens (or sequences) with global
+  statistics supplied (`moe_jax.grad_accum`). Refused: the importance and noisy-load losses (a
+  squared coefficient of variation over the whole batch), and groups across the batch rows
+  (`group_by="position"` with capacity dispatch, expert choice or Soft MoE), which a micro-batch
+  would cut into different groups.
+  """
+  accum = config.train.get("grad_accum_steps", 1)
+  if not _positive_int(accum):
+    problems.append(f"config.train.grad_accum_steps={accum!r} is invalid; allowed: a positive "
+                    "integer (1 = no accumulation).")
+    return
+  if accum == 1:
+    return
+  batch_size = config.data.get("batch_size")
+  if _positive_int(batch_size) and batch_size % accum:
+    problems.append(f"config.train.grad_accum_steps={accum} must divide "
+                    f"config.data.batch_size={batch_size}.")
+    return
+  moe = config.model.moe
+  if not config.model.get("moe_every", 0):
+    return
+  for name in ("importance_loss_weight", "noisy_load_loss_weight"):
+    if moe.get(name, 0.0):
+      problems.append(f"config.model.moe.{name}={moe[name]} is not supported with "
+                      f"train.grad_accum_steps={accum}: the loss is not a mean over tokens, so "
+                      "micro-batches cannot sum to it; set it to 0 or grad_accum_steps=1.")
+  spans_rows = (moe.get("capacity_factor") is not None or moe.get("router") in ("expert_choice", "soft"))
+  if moe.get("group_by", "sequence") == "position" and spans_rows:
+    problems.append(f"config.model.moe.group_by='position' with {moe.get('router')!r} routing"
+                    f"{' and capacity dispatch' if moe.get('capacity_factor') is not None else ''} "
+                    f"is not supported with train.grad_accum_steps={accum}: position groups span "
+                    "the batch rows, so micro-batches would form different groups; use "
+                    "group_by='sequence' or grad_accum_steps=1.")
+  per_micro = moe.get("balance_micro_batch_size", 1)
+  if (moe.get("balance_scope", "global") == "micro_batch" and _positive_int(per_micro)
+      and _positive_int(batch_size) and (batch_size // accum) % per_micro):
+    problems.append(f"config.model.moe.balance_micro_batch_size={per_micro} must divide the "
+                    f"accumulation micro-batch ({batch_size // accum} sequences) with "
+                    f"train.grad_accum_steps={accum}.")
+
+
 def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
   """Mesh fits the devices, experts split evenly over `expert`, the batch over the batch axes."""
   if num_devices is None:
@@ -346,8 +391,14 @@ def _check_mesh(problems: list[str], config, num_devices: int | None) -> None:
   for axis in sharding.BATCH_AXES:
     shards *= sizes[axis]
   batch_size = config.data.get("batch_size")
+  accum = config.train.get("grad_accum_steps", 1)
+  what = "config.data.batch_size"
+  if _positive_int(batch_size) and _positive_int(accum) and accum > 1 and batch_size % accum == 0:
+    # The model runs on micro-batches: they must shard (and group) the way a batch does.
+    batch_size //= accum
+    what = "the micro-batch size (data.batch_size / train.grad_accum_steps)"
   if _positive_int(batch_size) and batch_size % shards:
-    problems.append(f"config.data.batch_size={batch_size} must be divisible by the batch shards "
+    problems.append(f"{what}={batch_size} must be divisible by the batch shards "
                     f"{' * '.join(sharding.BATCH_AXES)} = {shards} of mesh {sizes}.")
   elif (_positive_int(batch_size) and sizes["expert"] > 1 and config.model.get("moe_every", 0)
         and moe.get("capacity_factor") is not None and _positive_int(moe.get("group_size"))):

@@ -108,3 +108,91 @@ def test_bad_arguments_raise_before_timing(kwargs, argument):
   args.update(kwargs)
   with pytest.raises(ValueError, match=argument):
     bench_gmm.run_benchmark(args.pop("shape_names"), **args)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", None),
+    ("256", 256),
+    ("512, 128,32", (512, 128, 32)),
+    ("128,128,64", (128, 128, 64)),
+    ("fwd:128,128,64;drhs:64,128,128", {"fwd": (128, 128, 64), "drhs": (64, 128, 128)}),
+    ("dlhs:16,32,64;", {"dlhs": (16, 32, 64)}),
+])
+def test_parse_tiling(text, expected):
+  assert bench_gmm.parse_tiling(text) == expected
+
+
+@pytest.mark.parametrize("text,match", [
+    ("128,x,64", "positive ints"),
+    ("128,0", "positive ints"),
+    ("fwd:128,128", "three tiles"),
+    ("bwd:128,128,64", "pass in"),
+    ("fwd:16,16,16;fwd:32,32,32", "twice"),
+    ("fwd:16,16,16;32,32,32", "pass in"),
+])
+def test_parse_tiling_rejects_bad_text(text, match):
+  with pytest.raises(ValueError, match=f"--tiling.*{match}"):
+    bench_gmm.parse_tiling(text)
+
+
+def test_tiling_flag_reaches_run_benchmark(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(bench_gmm, "run_benchmark", lambda *a, **kw: seen.update(kw))
+  flag_values = bench_gmm.flags.FLAGS
+
+  def main_with(*argv):
+    flag_values(["bench_gmm.py", *argv])
+    try:
+      bench_gmm.main([])
+    finally:
+      flag_values.unparse_flags()
+
+  main_with("--backends=gpu,xla", "--tiling=fwd:128,128,64;drhs:64,128,128")
+  assert seen["tiling"] == {"fwd": (128, 128, 64), "drhs": (64, 128, 128)}
+  main_with()
+  assert seen["tiling"] is None
+  with pytest.raises(bench_gmm.app.UsageError, match="three tiles"):
+    main_with("--backends=gpu", "--tiling=fwd:1,2")
+  # Checked against each backend before anything runs: 24 is no power of two for "gpu".
+  with pytest.raises(bench_gmm.app.UsageError, match="backend 'gpu'"):
+    main_with("--backends=gpu", "--tiling=24,32,32")
+
+
+def test_tiling_reaches_the_kernel(monkeypatch):
+  calls = []
+  gmm, tgmm = bench_gmm.pallas_kernels.gmm, bench_gmm.pallas_kernels.tgmm
+  monkeypatch.setattr(bench_gmm.pallas_kernels, "gmm",
+                      lambda *a, **kw: calls.append(("gmm", kw)) or gmm(*a, **kw))
+  monkeypatch.setattr(bench_gmm.pallas_kernels, "tgmm",
+                      lambda *a, **kw: calls.append(("tgmm", kw)) or tgmm(*a, **kw))
+  rows = bench_gmm.run_benchmark(["mixtral"], num_tokens=16, scale=64, skews=["balanced"],
+                                 backends=["blocked", "xla"], peers=[], repeats=1, warmup=0,
+                                 include_tgmm=True, tiling=(32, 16), log=lambda line: None)
+  # The blocked backend gets the tiling for gmm (forward and its VJP) and tgmm; xla gets none.
+  by_backend = {(op, kw["backend"], kw.get("tiling", "absent")) for op, kw in calls}
+  assert by_backend == {("gmm", "blocked", (32, 16)), ("tgmm", "blocked", (32, 16)),
+                        ("gmm", "xla", "absent"), ("tgmm", "xla", "absent")}
+  assert {r["impl"]: r["tiling"] for r in rows} == {
+      "dense": "", "gmm[blocked]": "(32, 16)", "gmm[xla]": ""}
+
+
+def test_tiling_changes_nothing_numerically_and_bad_tiles_fail_in_the_kernel():
+  rng = np.random.default_rng(0)
+  x, w = rng.standard_normal((40, 24), np.float32), rng.standard_normal((3, 24, 16), np.float32)
+  sizes = np.array([13, 0, 20], np.int32)
+  default, _ = bench_gmm.gmm_candidates(["blocked"])
+  tiled, tiled_t = bench_gmm.gmm_candidates(["blocked"], bench_gmm.parse_tiling("16,8"))
+  np.testing.assert_allclose(tiled["gmm[blocked]"](x, w, sizes),
+                             default["gmm[blocked]"](x, w, sizes), rtol=1e-5, atol=1e-5)
+  assert tiled_t["gmm[blocked]"](x, x[:, :16], sizes).shape == (3, 24, 16)
+  # Row tiles must decrease: the blocked backend's own message, raised before any timing.
+  with pytest.raises(ValueError, match="'blocked'.*strictly decreasing"):
+    bench_gmm.run_benchmark(["mixtral"], num_tokens=8, scale=64, backends=["blocked"],
+                            tiling=bench_gmm.parse_tiling("16,32"), log=lambda line: None)
+  bad, _ = bench_gmm.gmm_candidates(["blocked"], (16, 32))
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    bad["gmm[blocked]"](x, w, sizes)
+  # A tiling with no backend that takes one is a mistake, not something to ignore.
+  with pytest.raises(ValueError, match="none of the backends"):
+    bench_gmm.run_benchmark(["mixtral"], num_tokens=8, scale=64, backends=["xla"],
+                            tiling=(16,), log=lambda line: None)

@@ -5,8 +5,12 @@ never-written memory with NaN: an output block a kernel forgets to store
 shows up as NaN here rather than as a lucky zero.
 
 Tiles are tiny, far below Mosaic's (8, 128) block rule (interpret mode has
-none), so that small problems span many row, k and n tiles.
+none), so that small problems span many row, k and n tiles. The lowering
+tests at the end instead lower the compiled kernels (interpret=False) for TPU
+on this CPU host, at legal tiles, down to their Mosaic custom calls.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -171,3 +175,55 @@ _GS = np.array([10, 20, 15], np.int32)
 def test_bad_tiling_raises(tiling, interpret, match):
   with pytest.raises(ValueError, match=match):
     pallas_kernels.gmm(_X, _W, _GS, tiling=tiling, backend="tpu", interpret=interpret)
+
+
+# Compiled-mode tiles per pass, each a legal Mosaic block for both dtypes (tm a multiple of 16, tk
+# and tn of 128) and each cutting the problem differently; no dimension is a multiple of every tile.
+_TPU_TILING = {"fwd": (128, 128, 256), "dlhs": (64, 256, 128), "drhs": (256, 128, 128)}
+
+
+def _lower_for_tpu(f, *args) -> str:
+  """The StableHLO text of jit(f) lowered for TPU on this CPU-only host."""
+  return jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+def _mosaic_kernels(text: str) -> list[str]:
+  """Names of the Mosaic kernels (`tpu_custom_call`s) in lowered text, in program order."""
+  calls = re.findall(r"custom_call @tpu_custom_call\(", text)
+  names = re.findall(r'kernel_name = "(\w+)"', text)
+  assert len(names) == len(calls), (len(names), len(calls))
+  return names
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_to_mosaic_for_tpu(dtype):
+  # Lowering for "tpu" runs the real Pallas-to-Mosaic lowering (not the interpreter) on a
+  # CPU-only jaxlib and serializes each kernel into a `tpu_custom_call`. It catches operations,
+  # block shapes and index maps that Mosaic's front end rejects; compiling the kernels (layouts,
+  # VMEM limits) needs libtpu and a TPU.
+  m, k, n, g = 300, 384, 640, 6
+
+  def fwd_and_vjp(x, w, gs, ct):
+    out, pullback = jax.vjp(
+        lambda a, b: pallas_kernels.gmm(a, b, gs, backend="tpu", tiling=_TPU_TILING), x, w)
+    return out, *pullback(ct)
+
+  args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((g, k, n), dtype),
+          jax.ShapeDtypeStruct((g,), jnp.int32), jax.ShapeDtypeStruct((m, n), dtype))
+  assert _mosaic_kernels(_lower_for_tpu(fwd_and_vjp, *args)) == [
+      "gmm", "gmm_transposed_rhs", "tgmm"]  # forward, d_lhs, d_rhs.
+
+  tgmm = lambda x, ct, gs: pallas_kernels.tgmm(x, ct, gs, backend="tpu", tiling=_TPU_TILING)
+  assert _mosaic_kernels(_lower_for_tpu(tgmm, args[0], args[3], args[2])) == ["tgmm"]
+
+
+def test_tpu_lowering_enforces_block_rules(monkeypatch):
+  # With the wrapper's own check bypassed, an illegal tile (tk=64) reaches Pallas' TPU lowering,
+  # which rejects it: the lowering above is the compiled path, not one that accepts anything.
+  monkeypatch.setattr(tpu, "_fit_tiles",
+                      lambda tiles, dims, itemsize, interpret: tuple(map(min, tiles, dims)))
+  f = lambda x, w, gs: pallas_kernels.gmm(x, w, gs, backend="tpu", tiling=(8, 64, 128))
+  args = (jax.ShapeDtypeStruct((300, 256), jnp.float32),
+          jax.ShapeDtypeStruct((6, 256, 384), jnp.float32), jax.ShapeDtypeStruct((6,), jnp.int32))
+  with pytest.raises(ValueError, match="divisible by 8 and 128"):
+    _lower_for_tpu(f, *args)

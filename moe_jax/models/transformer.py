@@ -166,11 +166,11 @@ class Block(nnx.Module):
       self.ffn = MLP(config.d_model, config.mlp_dim, rngs=rngs, activation=config.activation,
                      dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x, positions, mask, rng=None, *, train: bool = False):
+  def __call__(self, x, positions, mask, rng=None, *, train: bool = False, global_load=None):
     x = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, aux = self.ffn(h, mask, train=train, rng=rng)
+      y, aux = self.ffn(h, mask, train=train, rng=rng, global_load=global_load)
     else:
       y, aux = self.ffn(h), None
     return x + y.astype(x.dtype), aux
@@ -185,8 +185,8 @@ class Block(nnx.Module):
     return x + y.astype(x.dtype), cache
 
 
-def _run_block(block: Block, x, positions, mask, rng, train: bool):
-  return block(x, positions, mask, rng, train=train)
+def _run_block(block: Block, x, positions, mask, rng, train: bool, global_load=None):
+  return block(x, positions, mask, rng, train=train, global_load=global_load)
 
 
 class Transformer(nnx.Module):
@@ -195,7 +195,9 @@ class Transformer(nnx.Module):
   aux["loss"] is the sum over MoE layers of their weighted auxiliary losses (0 for a dense model);
   aux also holds, averaged over MoE layers, every scalar metric the layers share
   (`load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy`,
-  `experts_per_token`, router-specific terms), and per layer `layer{i}/expert_load` [E'].
+  `experts_per_token`, router-specific terms), and per layer `layer{i}/expert_load` [E'],
+  `layer{i}/expert_counts` [E'] and (ReLU routing) `layer{i}/gate_sparsity`: the statistics
+  gradient accumulation sums over micro-batches (`moe_jax.grad_accum`).
   """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
@@ -217,12 +219,15 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+               rng: jax.Array | None = None,
+               global_load: dict[int, jax.Array] | None = None) -> tuple[jax.Array, dict]:
     """tokens [B, S] -> (logits [B, S, V], aux).
 
     Args:
       train: MoE layers update their router state (loss-free bias, ReMoE's L1 coefficient).
       rng: PRNG key for training-time routing noise; None (evaluation) = no noise.
+      global_load: {layer: [E'] expert load of the global batch} for micro-batches of gradient
+        accumulation (see `MoELayer`); None = each layer uses this batch's own load.
     """
     batch, seq = tokens.shape
     if positions is None:
@@ -232,10 +237,20 @@ class Transformer(nnx.Module):
     run_block = nnx.remat(_run_block, static_argnums=(5,)) if self.remat else _run_block
     for i, block in enumerate(self.blocks):
       block_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, aux = run_block(block, x, positions, mask, block_rng, train)
+      load = None if global_load is None else global_load.get(i)
+      x, aux = run_block(block, x, positions, mask, block_rng, train, load)
       if aux is not None:
         layer_aux[i] = aux
     return self._logits(x), summarize_aux(layer_aux)
+
+  def update_router_state(self, layer_stats: dict[int, dict]) -> None:
+    """Rule-based router updates from whole-batch statistics, once per optimizer step.
+
+    `layer_stats[i]` = {"expert_counts": [E'], "gate_sparsity": scalar or absent} of MoE layer i
+    summed (counts) or averaged (sparsity) over the micro-batches of a global batch.
+    """
+    for i, stats in layer_stats.items():
+      self.blocks[i].ffn.update_router_state(stats["expert_counts"], stats.get("gate_sparsity"))
 
   def _logits(self, x: jax.Array) -> jax.Array:
     """Final norm and output projection: [B, S, D] -> float32 logits [B, S, V]."""
@@ -284,8 +299,10 @@ def summarize_aux(layer_aux: dict[int, dict]) -> dict:
     return {"loss": jnp.zeros((), jnp.float32)}
   out = {"loss": sum(aux["loss"] for aux in layer_aux.values())}
   names = set.intersection(*(set(aux) for aux in layer_aux.values()))
-  for name in sorted(names - {"loss", "expert_load"}):
+  for name in sorted(names - {"loss", "expert_load", "expert_counts"}):
     out[name] = sum(aux[name] for aux in layer_aux.values()) / len(layer_aux)
   for i, aux in layer_aux.items():
-    out[f"layer{i}/expert_load"] = aux["expert_load"]
+    for name in ("expert_load", "expert_counts", "gate_sparsity"):
+      if name in aux:
+        out[f"layer{i}/{name}"] = aux[name]
   return out
