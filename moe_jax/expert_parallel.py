@@ -25,7 +25,9 @@ are global; only the movement of tokens to their experts is manual. Three exchan
 
 All give the function of the single-device layer: capacity groups are whole groups of consecutive
 tokens held by one device (`group_size` must divide the local tokens), so the same tokens are dropped
-on every mesh. Expert weights sharded over `fsdp` or `tensor` are gathered on entry by `shard_map`.
+on every mesh. Expert weights sharded over `fsdp` are gathered on entry by `shard_map` (per layer,
+when the layer runs); over `tensor` they stay sharded when `tensor` divides the hidden dimension
+(expert tensor parallelism, `tensor_parallel_size`: partial down-projections summed over `tensor`).
 """
 from __future__ import annotations
 
@@ -75,6 +77,71 @@ def _vary_like(weights, tokens):
   return tuple(None if w is None else w + zero.astype(w.dtype) for w in weights)
 
 
+TENSOR_AXIS = "tensor"
+
+
+def _weight_specs(weights, mesh):
+  """shard_map specs of (w_in [E, D, F or 2F], w_down [E, F, D]): experts over `expert` and, with
+  expert tensor parallelism, the hidden dimension F over `tensor` (see `tensor_parallel_size`)."""
+  tp = tensor_parallel_size(weights, mesh)
+  if tp == 1:
+    return tuple(P(AXIS) for _ in weights)
+  return P(AXIS, None, TENSOR_AXIS), P(AXIS, TENSOR_AXIS, None)
+
+
+def tensor_parallel_size(weights, mesh) -> int:
+  """The `tensor` axis size that shards the experts' hidden dimension inside `shard_map` (1 = none).
+
+  Expert tensor parallelism (Megatron-style, as in "MegaBlocks" and Megatron-Core's expert TP):
+  each `tensor` shard holds F / tp hidden units of every local expert (for SwiGLU, whole
+  gate/up pairs, as `experts.fuse_gate_up` interleaves them), computes its partial
+  down-projection, and the partials are summed over `tensor`; the weights are never gathered over
+  `tensor`. Used when the mesh's `tensor` axis is > 1 and divides F; otherwise the weights are
+  gathered over `tensor` on entry, as before.
+  """
+  if mesh is None or TENSOR_AXIS not in mesh.axis_names or mesh.shape[TENSOR_AXIS] == 1:
+    return 1
+  tp = mesh.shape[TENSOR_AXIS]
+  # F / tp hidden units per shard; the fused [.., 2F] input weight then splits into even runs.
+  return tp if weights[-1].shape[1] % tp == 0 else 1
+
+
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes `x` varies over inside `shard_map` (JAX 0.10+: manual_axis_type)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return manual.varying if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _is_tensor_sharded(weights) -> bool:
+  """Whether the local weights vary over `tensor` (i.e. hold a slice of F, not all of it).
+
+  Read from the weights' type, which `_weight_specs` decided. Were it misread as False, the
+  unsummed outputs would vary over `tensor` and shard_map's replication check would fail loudly.
+  """
+  return TENSOR_AXIS in _varying_axes(weights[-1])
+
+
+def _local_grouped_ffn(x_sorted, group_sizes, weights, **kwargs):
+  """`grouped_ffn` on this device's experts; with tensor-sharded weights, summed over `tensor`.
+
+  Both operands are made to vary over each other's mesh axes first: the custom-VJP gmm needs its
+  cotangents typed like its inputs, and the implicit broadcasts' transposes are the sums over
+  those axes (the weights' gradient over the batch axes, the tokens' over `tensor`).
+  """
+  tensor_sharded = _is_tensor_sharded(weights)
+  if tensor_sharded:
+    x_sorted = _vary_like((x_sorted,), weights[-1])[0]
+  y = grouped_ffn(x_sorted, group_sizes, _vary_like(weights, x_sorted), **kwargs)
+  return jax.lax.psum(y, TENSOR_AXIS) if tensor_sharded else y
+
+
+def _local_batched_ffn(x_buffers, weights, **kwargs):
+  """`batched_ffn` on this device's experts; with tensor-sharded weights, summed over `tensor`."""
+  y = batched_ffn(x_buffers, weights, **kwargs)
+  return jax.lax.psum(y, TENSOR_AXIS) if _is_tensor_sharded(weights) else y
+
+
 # ---------------------------------------------------------------------------------------- dropless
 
 
@@ -97,7 +164,7 @@ def dropless(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Arr
     raise ValueError(f"exchange={exchange!r} is not one of {EXCHANGES}.")
   fn = functools.partial(bodies[exchange], ep=ep, activation=activation, dtype=dtype,
                          backend=backend, tiling=tiling)
-  weight_specs = tuple(None if w is None else expert_spec for w in weights)
+  weight_specs = _weight_specs(weights, mesh)
   return jax.shard_map(
       fn, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, weight_specs),
       out_specs=batch_spec)(tokens, expert_index, combine_weight, weights)
@@ -113,7 +180,7 @@ def _dropless_allgather(tokens, expert_index, combine_weight, weights, *, ep, ac
   local_index, is_local = _local_experts(all_index, num_local)
   plan = dispatch.dropless_plan(local_index, num_local)
   x_sorted = dispatch.dropless_dispatch(all_tokens, plan, local_index.shape[-1])
-  y_sorted = grouped_ffn(x_sorted, plan.group_sizes, _vary_like(weights, x_sorted),
+  y_sorted = _local_grouped_ffn(x_sorted, plan.group_sizes, weights,
                          activation=activation, dtype=dtype, backend=backend, tiling=tiling)
   partial = dispatch.dropless_combine(y_sorted, plan, jnp.where(is_local, all_weight, 0.0))
   return jax.lax.psum_scatter(partial, AXIS, scatter_dimension=0, tiled=True)
@@ -155,7 +222,7 @@ def _padded_exchange(x_sorted, expert_index, plan, weights, *, ep, activation, d
   recv_expert = jax.lax.all_to_all(send_expert, AXIS, 0, 0, tiled=True)
   local_plan = dispatch.dropless_plan(recv_expert.reshape(-1, 1), num_local)
   x_local = dispatch.dropless_dispatch(recv.reshape(ep * rows, -1), local_plan, 1)
-  y_local = grouped_ffn(x_local, local_plan.group_sizes, _vary_like(weights, x_local),
+  y_local = _local_grouped_ffn(x_local, local_plan.group_sizes, weights,
                         activation=activation,
                         dtype=dtype, backend=backend, tiling=tiling)
   # Un-sort to the received layout (padding rows come out as zeros), then send back.
@@ -247,7 +314,7 @@ def _ragged_exchange(x_sorted, *, counts, recv_rows, weights, activation, dtype,
   local_expert = jnp.where(segment < segment_ends.shape[0], segment % num_local, num_local)
   local_plan = dispatch.dropless_plan(local_expert[:, None], num_local)
   x_local = dispatch.dropless_dispatch(x_recv, local_plan, 1)
-  y_local = grouped_ffn(x_local, local_plan.group_sizes, _vary_like(weights, x_local),
+  y_local = _local_grouped_ffn(x_local, local_plan.group_sizes, weights,
                         activation=activation, dtype=dtype, backend=backend, tiling=tiling)
   y_recv = jnp.zeros_like(y_local).at[local_plan.order].set(y_local, unique_indices=True)
 
@@ -294,7 +361,7 @@ def with_capacity(tokens: jax.Array, expert_index: jax.Array, combine_weight: ja
   body = _capacity_all_to_all if exchange == "all_to_all" else _capacity_allgather
   fn = functools.partial(body, ep=ep, group_size=group_size, capacity=capacity,
                          activation=activation, dtype=dtype)
-  weight_specs = tuple(None if w is None else expert_spec for w in weights)
+  weight_specs = _weight_specs(weights, mesh)
   if priority is None:
     priority = jnp.zeros(tokens.shape[:1], jnp.float32)  # equal priorities: position order
   return jax.shard_map(
@@ -317,7 +384,7 @@ def _capacity_all_to_all(tokens, expert_index, combine_weight, priority, weights
   # [E, G_local, C, D] -> [E_local, ep * G_local, C, D]: expert e's rows from every device.
   received = jax.lax.all_to_all(buffers, AXIS, 0, 1, tiled=True)
   num_local, groups = received.shape[:2]
-  y = batched_ffn(received.reshape(num_local, groups * capacity, -1), weights,
+  y = _local_batched_ffn(received.reshape(num_local, groups * capacity, -1), weights,
                   activation=activation, dtype=dtype)
   y = jax.lax.all_to_all(y.reshape(num_local, groups, capacity, -1), AXIS, 1, 0, tiled=True)
   out = dispatch.capacity_combine(y, index, weight, plan)
@@ -339,7 +406,7 @@ def _capacity_allgather(tokens, expert_index, combine_weight, priority, weights,
   buffers = dispatch.capacity_dispatch(_grouped(all_tokens, group_size), local_index, local_plan,
                                        num_local)
   groups = buffers.shape[1]
-  y = batched_ffn(buffers.reshape(num_local, groups * capacity, -1), weights,
+  y = _local_batched_ffn(buffers.reshape(num_local, groups * capacity, -1), weights,
                   activation=activation, dtype=dtype)
   partial = dispatch.capacity_combine(y.reshape(num_local, groups, capacity, -1), local_index,
                                       weight, local_plan)

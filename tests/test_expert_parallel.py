@@ -163,3 +163,31 @@ def test_shared_experts_run_expert_parallel():
   ep_loss, _, ep_grads = loss_and_grads(with_shared(data=2, expert=4))
   assert ep_loss == pytest.approx(loss, rel=1e-6)
   assert worst_relative_difference(ep_grads, grads) < 1e-5
+
+
+@pytest.mark.parametrize("capacity_factor, exchange", [
+    (None, "all_to_all"), (None, "allgather"), (None, "ragged_all_to_all"),
+    (1.0, "all_to_all"), (1.0, "allgather")])
+def test_expert_tensor_parallelism(capacity_factor, exchange):
+  """Experts' hidden dimension over `tensor` inside shard_map: the data=8 loss and gradients, and
+  the weights enter the shard_map sharded over `tensor` (not gathered)."""
+  from moe_jax import expert_parallel
+  loss, dropped, grads = loss_and_grads(tiny_moe_config(capacity_factor, data=8))
+  config = tiny_moe_config(capacity_factor, exchange, data=2, expert=2, tensor=2)
+  tp_loss, tp_dropped, tp_grads = loss_and_grads(config)
+  assert tp_dropped == pytest.approx(dropped, abs=1e-7)
+  assert tp_loss == pytest.approx(loss, rel=1e-6)
+  assert worst_relative_difference(tp_grads, grads) < 1e-5
+
+  mesh = sharding.make_mesh(config.mesh)
+  hidden = config.model.moe.expert_hidden_dim
+  weights = (jax.ShapeDtypeStruct((8, 32, 2 * hidden), "float32"),
+             jax.ShapeDtypeStruct((8, hidden, 32), "float32"))
+  assert expert_parallel.tensor_parallel_size(weights, mesh) == 2
+  specs = expert_parallel._weight_specs(weights, mesh)
+  assert specs == (jax.sharding.PartitionSpec("expert", None, "tensor"),
+                   jax.sharding.PartitionSpec("expert", "tensor", None))
+  # A hidden size `tensor` does not divide falls back to gathering the weights on entry.
+  odd = (jax.ShapeDtypeStruct((8, 32, 2 * 33), "float32"),
+         jax.ShapeDtypeStruct((8, 33, 32), "float32"))
+  assert expert_parallel.tensor_parallel_size(odd, mesh) == 1
