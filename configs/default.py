@@ -34,6 +34,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.tie_embeddings = True  # Output projection reuses the input embedding.
   model.rope_base = 10_000.0  # RoPE wavelength base.
   model.norm_eps = 1e-6  # RMSNorm epsilon.
+  # Causal attention (a decoder LM, data.objective="lm"); False = a bidirectional encoder, which
+  # needs data.objective="mlm" (configs/encoder.py).
+  model.causal = True
 
   model.moe = moe = ml_collections.ConfigDict()
   # Routing method: "token_choice" | "expert_choice" | "soft" | "top_p" | "relu" | "random"
@@ -117,6 +120,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Validation batches per evaluation: a fixed sample of eval_batches * batch_size chunks spread
   # over the whole split (every file represented; the whole split when it has fewer chunks).
   data.eval_batches = 32
+  # "lm" = next-byte prediction; "mlm" = masked-byte prediction (BERT 2019) for an encoder
+  # (model.causal=False; needs model.vocab_size >= 260 for the [MASK] id 259).
+  data.objective = "lm"
+  data.mask_rate = 0.15  # "mlm": fraction of each sequence's bytes masked and predicted.
 
   config.train = train = ml_collections.ConfigDict()
   train.steps = 1500  # Optimiser steps.

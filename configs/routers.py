@@ -41,18 +41,20 @@ VARIANTS = ("dense", "token_choice", "token_choice_capacity", "bpr", "expert_cho
             "random", "fine_grained", "shared", "moe_plus_plus", "null")
 
 
-def fine_grained(moe: ml_collections.ConfigDict, m: int,
-                 num_shared_experts: int = 0) -> ml_collections.ConfigDict:
+def fine_grained(moe: ml_collections.ConfigDict, m: int, num_shared_experts: int = 0, *,
+                 keep_total_params: bool = False) -> ml_collections.ConfigDict:
   """DeepSeekMoE fine-grained expert segmentation (Dai et al. 2024, Sec. 3.1-3.2), in place.
 
   Splits each expert into m experts of 1/m the hidden size and routes to m*K of them, so the
   active FFN FLOPs per token stay equal; `num_shared_experts` of the m*K active segments become
-  always-on shared experts (Sec. 3.2), so top-k drops by that many.
+  always-on shared experts (Sec. 3.2), so top-k drops by that many. With `keep_total_params`
+  the shared experts are also taken out of the m*E segments (m*E - shared routed experts, the
+  paper's mN - K_s), so the total expert parameters stay equal too; otherwise they come on top.
   """
   if m < 1 or moe.expert_hidden_dim % m:
     raise ValueError(f"granularity m={m} must be >= 1 and divide expert_hidden_dim="
                      f"{moe.expert_hidden_dim}.")
-  moe.num_experts *= m
+  moe.num_experts = moe.num_experts * m - (num_shared_experts if keep_total_params else 0)
   moe.expert_hidden_dim //= m
   moe.top_k = moe.top_k * m - num_shared_experts
   moe.num_shared_experts = num_shared_experts

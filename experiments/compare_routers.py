@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 from configs import default  # noqa: E402
 from configs import routers as router_configs  # noqa: E402
 from moe_jax import data, train  # noqa: E402
-from moe_jax.validation import noncausal_routing, validate_config  # noqa: E402
+from moe_jax.validation import leaks_future, validate_config  # noqa: E402
 
 SUMMARY_COLUMNS = ("router", "n_seeds", "bpb_mean", "bpb_std", "bpb_sem", "eval_stderr",
                    "tokens_per_s_mean", "load_imbalance", "dropped_fraction", "experts_per_token",
@@ -129,13 +129,13 @@ class TailRecorder:
       self.records[int(step)] = step_stats(metrics)
 
   def means(self) -> dict:
-    return {name: _finite_mean([r[name] for r in self.records.values()]) for name in STAT_NAMES}
+    return {name: finite_mean([r[name] for r in self.records.values()]) for name in STAT_NAMES}
 
 
 # ---------------------------------------------------------------------------------- tables
 
 
-def _finite_mean(values) -> float:
+def finite_mean(values) -> float:
   """Mean of the finite values; NaN when there are none (e.g. imbalance of the dense model)."""
   values = np.asarray([v for v in values if v is not None], np.float64)
   values = values[np.isfinite(values)]
@@ -169,15 +169,15 @@ def summarize(runs: Sequence[dict], routers: Sequence[str] | None = None) -> lis
         "bpb_mean": float(bpb.mean()),
         "bpb_std": float(bpb.std(ddof=1)) if len(group) >= 2 else 0.0,
         "bpb_sem": float(bpb.std(ddof=1) / math.sqrt(len(group))) if len(group) >= 2 else 0.0,
-        "eval_stderr": _finite_mean(r.get("bpb_stderr", math.nan) for r in group),
+        "eval_stderr": finite_mean(r.get("bpb_stderr", math.nan) for r in group),
         "causal": "no" if any(r.get("noncausal") for r in group) else "yes",
-        "tokens_per_s_mean": _finite_mean(r["tokens_per_s"] for r in group),
-        **{name: _finite_mean(r[name] for r in group) for name in STAT_NAMES},
+        "tokens_per_s_mean": finite_mean(r["tokens_per_s"] for r in group),
+        **{name: finite_mean(r[name] for r in group) for name in STAT_NAMES},
     })
   return summary
 
 
-def _fmt(value: float, spec: str) -> str:
+def fmt(value: float, spec: str) -> str:
   return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
@@ -198,9 +198,9 @@ def markdown_table(summary: Sequence[dict], *, steps: int, seeds: Sequence[int],
   for row in summary:
     lines.append(
         f"| {row['router']} | {row['n_seeds']} | {row['bpb_mean']:.3f} ± {row['bpb_std']:.3f} | "
-        f"{row['bpb_sem']:.3f} | {_fmt(row['eval_stderr'], '.3f')} | "
-        f"{_fmt(row['tokens_per_s_mean'], ',.0f')} | {_fmt(row['load_imbalance'], '.2f')} | "
-        f"{_fmt(row['dropped_fraction'], '.1%')} | {_fmt(row['experts_per_token'], '.2f')} | "
+        f"{row['bpb_sem']:.3f} | {fmt(row['eval_stderr'], '.3f')} | "
+        f"{fmt(row['tokens_per_s_mean'], ',.0f')} | {fmt(row['load_imbalance'], '.2f')} | "
+        f"{fmt(row['dropped_fraction'], '.1%')} | {fmt(row['experts_per_token'], '.2f')} | "
         f"{row['causal']} |")
   return "\n".join(lines) + "\n"
 
@@ -294,6 +294,17 @@ def run_config(study, router: str, seed: int) -> ml_collections.ConfigDict:
   if study.base not in ("", "tiny"):
     raise ValueError(f"config.base={study.base!r}; allowed: '' (configs/default.py), 'tiny'.")
   config = router_configs.apply_router(default.get_config(study.base or None), router)
+  return apply_study_schedule(config, study, seed)
+
+
+def apply_study_schedule(config, study, seed: int) -> ml_collections.ConfigDict:
+  """Sets, in place, a run's seed and the study's length, warmup, logging and evaluation fields.
+
+  Args:
+    config: an experiment config.
+    study: a study config with steps, warmup_steps (-1 keeps the config's), eval_every,
+      log_every and eval_batches.
+  """
   config.seed = seed
   config.train.steps = study.steps
   if study.warmup_steps >= 0:
@@ -311,15 +322,22 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+# Config fields added after runs were recorded: a saved config without one ran with this value.
+ADDED_FIELDS = {"model.causal": True, "data.objective": "lm", "data.mask_rate": 0.15}
+
+
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
   """Dotted names of the fields where two config dicts differ."""
   diff = []
   for key in sorted(set(old) | set(new)):
+    name = f"{prefix}{key}"
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if a == "<absent>" and name in ADDED_FIELDS and b == ADDED_FIELDS[name]:
+      continue
     if isinstance(a, dict) and isinstance(b, dict):
-      diff += _config_diff(a, b, f"{prefix}{key}.")
+      diff += _config_diff(a, b, f"{name}.")
     elif a != b:
-      diff.append(f"{prefix}{key}: {a!r} -> {b!r}")
+      diff.append(f"{name}: {a!r} -> {b!r}")
   return diff
 
 
@@ -334,7 +352,7 @@ def _nan_to_none(value):
   return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _write_json(path: str, data: dict) -> None:
+def write_json(path: str, data: dict) -> None:
   """Writes atomically, so that an interrupted write never leaves a half result to reuse."""
   clean = {k: _nan_to_none(v) for k, v in data.items()}
   with open(path + ".tmp", "w") as f:
@@ -342,7 +360,7 @@ def _write_json(path: str, data: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
-def _read_record(path: str) -> dict:
+def read_record(path: str) -> dict:
   with open(path) as f:
     record = json.load(f)
   for name in ("tokens_per_s", "bpb_stderr") + STAT_NAMES:
@@ -385,20 +403,20 @@ def train_run(config, run_dir: str, *, router: str, seed: int, tail_fraction: fl
   # left out); the earlier part's number serves when the last part ran a single step.
   tokens_per_s = result.get("train/tokens_per_s", tokens_per_s)
   if result["preempted"]:
-    _write_json(partial_path, {"config": config_json, "eval_history": eval_history,
-                               "tokens_per_s": tokens_per_s,
-                               "records": {str(s): {k: _nan_to_none(v) for k, v in r.items()}
-                                           for s, r in recorder.records.items()}})
+    write_json(partial_path, {"config": config_json, "eval_history": eval_history,
+                              "tokens_per_s": tokens_per_s,
+                              "records": {str(s): {k: _nan_to_none(v) for k, v in r.items()}
+                                          for s, r in recorder.records.items()}})
     raise StudyPreempted(f"{router} seed {seed} stopped at step {result['step']}")
   if "eval/bits_per_byte" not in result:
     raise RuntimeError(f"{run_dir}: training returned no final evaluation ({result}).")
   record = {"router": router, "seed": seed, "steps": int(result["step"]),
             "bpb": float(result["eval/bits_per_byte"]), "eval_loss": float(result["eval/loss"]),
             "bpb_stderr": float(result["eval/bits_per_byte_stderr"]),
-            "noncausal": noncausal_routing(config) is not None, "corpus": result["corpus"],
+            "noncausal": leaks_future(config) is not None, "corpus": result["corpus"],
             "eval_history": eval_history, "tokens_per_s": float(tokens_per_s),
             **recorder.means(), "train_seconds": seconds, "config": config_json}
-  _write_json(os.path.join(run_dir, RESULT_FILE), record)
+  write_json(os.path.join(run_dir, RESULT_FILE), record)
   if os.path.exists(partial_path):
     os.remove(partial_path)
   return record
@@ -409,7 +427,7 @@ def load_or_train_run(config, run_dir: str, *, router: str, seed: int,
   """(record, trained): the run's saved result.json when it has one, else `train_run`'s."""
   result_path = os.path.join(run_dir, RESULT_FILE)
   if os.path.exists(result_path):
-    record = _read_record(result_path)
+    record = read_record(result_path)
     _check_same_config(record["config"], _config_json(config), run_dir)
     return record, False
   return train_run(config, run_dir, router=router, seed=seed, tail_fraction=tail_fraction), True
@@ -429,39 +447,16 @@ def run_study(study, workdir: str) -> list[dict]:
       config = run_config(study, router, seed)
       validate_config(config)
       plan.append((router, seed, config))
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "study_config.json"), "w") as f:
-    f.write(study.to_json_best_effort(indent=2, sort_keys=True))
-
-  runs, trained_seconds, num_trained = [], 0.0, 0
-  start = time.perf_counter()
-  for i, (router, seed, config) in enumerate(plan):
-    run_dir = os.path.join(workdir, "runs", f"{router}_seed{seed}")
-    logging.info("Run %d of %d: router %s, seed %d (%s).", i + 1, len(plan), router, seed, run_dir)
-    record, trained = load_or_train_run(config, run_dir, router=router, seed=seed,
-                                        tail_fraction=study.tail_fraction)
-    runs.append(record)
-    if trained:
-      trained_seconds += record["train_seconds"]
-      num_trained += 1
-    # Reused runs cost nothing, so the estimate extrapolates from the runs trained in this call.
-    remaining = (trained_seconds / num_trained * (len(plan) - i - 1)) if num_trained else math.nan
-    logging.info(
-        "Run %d of %d done (%s): router %s, seed %d, final %.4f bits/byte, %s tokens/s, "
-        "imbalance %s; elapsed %s, estimated remaining %s.", i + 1, len(plan),
-        "trained" if trained else "reused result.json", router, seed, record["bpb"],
-        _fmt(record["tokens_per_s"], ",.0f"), _fmt(record["load_imbalance"], ".3f"),
-        _duration(time.perf_counter() - start), _duration(remaining))
+  write_study_config(study, workdir)
+  runs = run_plan(plan, workdir, tail_fraction=study.tail_fraction)
 
   summary = summarize(runs, routers)
   write_csv(os.path.join(workdir, "results.csv"), summary, SUMMARY_COLUMNS)
   write_csv(os.path.join(workdir, "runs.csv"), runs, RUN_COLUMNS)
-  corpora = {json.dumps(r["corpus"], sort_keys=True) for r in runs if r.get("corpus")}
-  corpus = "; ".join(data.describe_fingerprint(json.loads(c)) for c in sorted(corpora))
-  table = markdown_table(summary, steps=study.steps, seeds=seeds, base=study.base, corpus=corpus)
+  table = markdown_table(summary, steps=study.steps, seeds=seeds, base=study.base,
+                         corpus=corpus_description(runs))
   environment = (
-      f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
-      f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()}); load "
+      f"{machine_description()}; load "
       f"imbalance, dropped and experts/token are means over the last {study.tail_fraction:.0%} of "
       "the steps; tokens/s excludes the first (compiling) step; '-' = not reported (dense has no "
       "router). Soft MoE's load is each expert's share of the combine weight mass (its dispatch "
@@ -474,6 +469,54 @@ def run_study(study, workdir: str) -> list[dict]:
                 f"{', '.join(str(s) for s in seeds)}, band = min-max")
   logging.info("Wrote %s:\n%s", os.path.join(workdir, "results.md"), table)
   return summary
+
+
+def write_study_config(study, workdir: str) -> None:
+  """Creates `workdir` and writes the study config to WORKDIR/study_config.json."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "study_config.json"), "w") as f:
+    f.write(study.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def run_plan(plan: Sequence[tuple[str, int, ml_collections.ConfigDict]], workdir: str, *,
+             tail_fraction: float) -> list[dict]:
+  """Trains or reuses each (name, seed, config) of `plan` in WORKDIR/runs/{name}_seed{seed}.
+
+  Logs progress and an estimate of the time left; returns the run records (`train_run`'s, with
+  the name under "router"), in plan order. Raises StudyPreempted when a run stops on a signal.
+  """
+  runs, trained_seconds, num_trained = [], 0.0, 0
+  start = time.perf_counter()
+  for i, (router, seed, config) in enumerate(plan):
+    run_dir = os.path.join(workdir, "runs", f"{router}_seed{seed}")
+    logging.info("Run %d of %d: router %s, seed %d (%s).", i + 1, len(plan), router, seed, run_dir)
+    record, trained = load_or_train_run(config, run_dir, router=router, seed=seed,
+                                        tail_fraction=tail_fraction)
+    runs.append(record)
+    if trained:
+      trained_seconds += record["train_seconds"]
+      num_trained += 1
+    # Reused runs cost nothing, so the estimate extrapolates from the runs trained in this call.
+    remaining = (trained_seconds / num_trained * (len(plan) - i - 1)) if num_trained else math.nan
+    logging.info(
+        "Run %d of %d done (%s): router %s, seed %d, final %.4f bits/byte, %s tokens/s, "
+        "imbalance %s; elapsed %s, estimated remaining %s.", i + 1, len(plan),
+        "trained" if trained else "reused result.json", router, seed, record["bpb"],
+        fmt(record["tokens_per_s"], ",.0f"), fmt(record["load_imbalance"], ".3f"),
+        _duration(time.perf_counter() - start), _duration(remaining))
+  return runs
+
+
+def corpus_description(runs: Sequence[dict]) -> str:
+  """The corpus fingerprints of the runs, one `data.describe_fingerprint` line each, joined."""
+  corpora = {json.dumps(r["corpus"], sort_keys=True) for r in runs if r.get("corpus")}
+  return "; ".join(data.describe_fingerprint(json.loads(c)) for c in sorted(corpora))
+
+
+def machine_description() -> str:
+  """Date, JAX version, devices and processor, for the note under a study's table."""
+  return (f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
+          f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()})")
 
 
 def _duration(seconds: float) -> str:

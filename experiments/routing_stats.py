@@ -24,6 +24,7 @@ which `routing.route` (the function the layer calls) recomputes the exact top-k 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import keyword
 import os
 import re
@@ -120,7 +121,9 @@ class RoutingStats:
       return share_in_expert / share_overall[None, :]
 
 
-def _capture_fn(graphdef, moe_layers: list[int]):
+# Models of one architecture (seeds of a study) share a graphdef, so one compilation serves them.
+@functools.lru_cache(maxsize=4)
+def _capture_fn(graphdef, moe_layers: tuple[int, ...]):
   """Jitted (params, tokens) -> (router logits per MoE layer, aux per MoE layer, model aux)."""
 
   def run(params, tokens):
@@ -166,7 +169,7 @@ def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
   num_batches = num_batches or config.data.eval_batches
   batch_size = batch_size or config.data.batch_size
   num_experts, top_k = moe_config.num_experts, moe_config.top_k
-  run = _capture_fn(model.graphdef, moe_layers)
+  run = _capture_fn(model.graphdef, tuple(moe_layers))
 
   assignments = {i: np.zeros(num_experts, np.int64) for i in moe_layers}
   class_counts = {i: np.zeros((num_experts, len(CLASSES)), np.int64) for i in moe_layers}

@@ -6,6 +6,14 @@ the stream is cut into consecutive, non-overlapping chunks of `seq_len + 1` toke
 padding; the trailing partial chunk is dropped). A chunk gives inputs = chunk[:-1] and
 targets = chunk[1:].
 
+Objectives (`config.data.objective`): "lm" (next-token prediction, above) and "mlm", masked-byte
+prediction for a bidirectional encoder (BERT 2019; `moe_jax.masking`): inputs are the chunk's first
+S tokens with a fraction `config.data.mask_rate` of them corrupted (80% [MASK] = id 259, 10% a
+random byte, 10% unchanged), targets the original tokens, weight 1 only at the chosen positions.
+Training masks are a function of (seed, step, batch row), evaluation masks of the chunk index
+alone, so a resumed run sees the same masks and every model is evaluated on the same positions.
+The [MASK] id lies outside the 259-id byte vocabulary: "mlm" needs `model.vocab_size >= 260`.
+
 Corpora (`config.data.task`), none of which downloads anything:
   stdlib_bytes  The running interpreter's standard-library `.py` files, read as bytes, without any
                 `site-packages` / `dist-packages` directory.
@@ -36,12 +44,19 @@ import zlib
 
 import numpy as np
 
+from moe_jax import masking
+
 TASKS = ("stdlib_bytes", "text_files", "synthetic")
 READERS = ("auto", "seqio", "numpy")
 SPLITS = ("train", "validation")
 VOCAB_SIZE = 259
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_SPECIAL_IDS = 3
+# The [MASK] id of objective "mlm": the first id past the byte vocabulary.
+MASK_ID = VOCAB_SIZE
+OBJECTIVES = ("lm", "mlm")
+# Leading entries of the per-row mask keys, so train and evaluation masks never share a stream.
+_TRAIN_MASK_KEY, _EVAL_MASK_KEY = 0x6D6C6D, 0x6D6C6E
 
 # Built token arrays and the stream offset where each document starts, keyed by
 # (task, path, split, seq_len, reader). Arrays are read-only so that no caller can corrupt what
@@ -266,16 +281,26 @@ class TokenDataset:
   """Fixed token chunks with deterministic, step-addressable batches.
 
   Attributes:
-    tokens: [N, S + 1] integer chunks; inputs are [:, :-1], targets [:, 1:].
+    tokens: [N, S + 1] integer chunks; objective "lm": inputs are [:, :-1], targets [:, 1:];
+      "mlm": inputs are [:, :-1] corrupted (`moe_jax.masking`), targets [:, :-1].
     name: a description ("task/split") used in error messages.
+    objective: "lm" or "mlm" (see the module docstring).
+    mask_rate: "mlm": the fraction of each sequence's tokens to predict.
   """
 
   def __init__(self, tokens: np.ndarray, name: str = "dataset",
-               document_starts: np.ndarray | None = None):
+               document_starts: np.ndarray | None = None, *, objective: str = "lm",
+               mask_rate: float = 0.15):
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"{name}: tokens must be [N, S+1] with S >= 1, got shape {tokens.shape}.")
+    if objective not in OBJECTIVES:
+      raise ValueError(f"data.objective={objective!r} is not allowed; allowed: {OBJECTIVES}.")
+    if objective == "mlm" and not 0 < mask_rate <= 1:
+      raise ValueError(f"data.mask_rate={mask_rate!r} is not allowed; allowed: a number in (0, 1].")
     self.tokens = tokens
     self.name = name
+    self.objective = objective
+    self.mask_rate = mask_rate
     # Stream offset of each document's first token; None = one document (no file boundaries).
     self.document_starts = (np.zeros((1,), np.int64) if document_starts is None
                             else np.asarray(document_starts, np.int64))
@@ -293,10 +318,21 @@ class TokenDataset:
     return self._permutations[key]
 
   def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The "lm" batch of chunks `rows`."""
     chunks = self.tokens[rows].astype(np.int32)
     targets = chunks[:, 1:]
     return {"inputs": chunks[:, :-1], "targets": targets,
             "weights": (targets != PAD_ID).astype(np.float32)}
+
+  def _masked_batch(self, rows: np.ndarray, keys: np.ndarray,
+                    real_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The "mlm" batch of chunks `rows`, row b corrupted by keys[b]; rows off `real_rows` weigh 0."""
+    tokens = self.tokens[rows, :-1].astype(np.int32)
+    valid = tokens != PAD_ID
+    if real_rows is not None:
+      valid &= real_rows[:, None]
+    return masking.mask_tokens(tokens, valid, keys, rate=self.mask_rate, mask_id=MASK_ID,
+                               random_ids=(NUM_SPECIAL_IDS, NUM_SPECIAL_IDS + 256))
 
   def train_batch(self, step: int, batch_size: int, seed: int,
                   rows: slice | None = None) -> dict[str, np.ndarray]:
@@ -315,17 +351,24 @@ class TokenDataset:
 
     Returns:
       {"inputs": int32 [R, S], "targets": int32 [R, S], "weights": float32 [R, S]} for the R
-      requested rows; weights are 0 on pad targets (none occur with packing) and 1 elsewhere.
+      requested rows; "lm": weights are 0 on pad targets (none occur with packing) and 1
+      elsewhere; "mlm": 1 at the masked positions, which row i of the global batch draws from
+      the key (seed, step, i), so they do not depend on `rows`.
     """
     if step < 0 or batch_size <= 0 or seed < 0:
       raise ValueError(f"{self.name}: need step >= 0, batch_size > 0, seed >= 0; got "
                        f"step={step}, batch_size={batch_size}, seed={seed}.")
-    positions = step * batch_size + np.arange(batch_size, dtype=np.int64)[rows or slice(None)]
+    global_rows = np.arange(batch_size, dtype=np.int64)[rows or slice(None)]
+    positions = step * batch_size + global_rows
     epochs, offsets = np.divmod(positions, len(self))
     chunk_ids = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
       in_epoch = epochs == epoch
       chunk_ids[in_epoch] = self._permutation(seed, int(epoch))[offsets[in_epoch]]
+    if self.objective == "mlm":
+      keys = np.stack([np.full_like(global_rows, _TRAIN_MASK_KEY), np.full_like(global_rows, seed),
+                       np.full_like(global_rows, step), global_rows], axis=1)
+      return self._masked_batch(chunk_ids, keys)
     return self._batch(chunk_ids)
 
   def document_chunks(self) -> tuple[np.ndarray, np.ndarray]:
@@ -383,7 +426,8 @@ class TokenDataset:
     The sampled chunks are put in a fixed shuffled order (seed 0), so that every batch mixes
     all regions of the split and per-batch losses are comparable (their spread gives the standard
     error). When the split has fewer chunks than asked, it is evaluated whole: fewer batches, the
-    last one padded with rows of weight 0.
+    last one padded with rows of weight 0. Objective "mlm" masks each chunk by a key of its chunk
+    index alone, so any model, seed or batch size is evaluated on the same masked positions.
 
     Args:
       batch_size: B, > 0.
@@ -403,7 +447,11 @@ class TokenDataset:
   def _padded_batch(self, rows: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """The batch of `rows`, padded to `batch_size` rows of weight 0."""
     padding = batch_size - len(rows)
-    batch = self._batch(np.concatenate([rows, np.zeros(padding, np.int64)]))
+    padded = np.concatenate([rows, np.zeros(padding, np.int64)]).astype(np.int64)
+    if self.objective == "mlm":
+      keys = np.stack([np.full_like(padded, _EVAL_MASK_KEY), padded], axis=1)
+      return self._masked_batch(padded, keys, real_rows=np.arange(batch_size) < len(rows))
+    batch = self._batch(padded)
     if padding:
       batch["weights"][len(rows):] = 0.0
     return batch
@@ -416,7 +464,7 @@ class TokenDataset:
 
 
 def load_dataset(data_config, split: str) -> TokenDataset:
-  """Loads `split` of the task named by `data_config` (fields task, path, seq_len, reader).
+  """Loads `split` of the task named by `data_config` (task, path, seq_len, reader, objective).
 
   Args:
     data_config: an ml_collections.ConfigDict like `config.data` in configs/default.py.
@@ -426,8 +474,9 @@ def load_dataset(data_config, split: str) -> TokenDataset:
     A TokenDataset whose tokens are [N, seq_len + 1].
 
   Raises:
-    ValueError: naming the field, its value and what is allowed, for an unknown task, split or
-      reader, a non-positive seq_len, a glob matching no file, or a split too small for one chunk.
+    ValueError: naming the field, its value and what is allowed, for an unknown task, split,
+      reader or objective, a mask_rate outside (0, 1], a non-positive seq_len, a glob matching
+      no file, or a split too small for one chunk.
   """
   task, reader = data_config.task, data_config.reader
   path, seq_len = data_config.get("path", "") or "", data_config.seq_len
@@ -447,4 +496,6 @@ def load_dataset(data_config, split: str) -> TokenDataset:
   if len(tokens) == 0:
     raise ValueError(f"{name} is too small for one chunk of data.seq_len + 1 = {seq_len + 1} "
                      "tokens; lower data.seq_len or add data.")
-  return TokenDataset(tokens, name, document_starts)
+  return TokenDataset(tokens, name, document_starts,
+                      objective=data_config.get("objective", "lm"),
+                      mask_rate=data_config.get("mask_rate", 0.15))

@@ -123,6 +123,7 @@ def validate_config(config, num_devices: int | None = None) -> None:
     check("data.path", "a non-empty glob of text files (needed by task 'text_files')", bool)
   check("model.vocab_size", "at least 259 (byte vocabulary: 256 bytes + pad, eos, unk)",
         lambda v: v >= 259)
+  _check_objective(problems, config)
 
   for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     check(f"train.{name}", "a positive integer", _positive_int)
@@ -237,7 +238,8 @@ def noncausal_routing(config) -> str | None:
   claiming lets a later token's first choice take the slot an earlier token's second choice
   needed; only top-1 with position priority is causal) and for batch-prioritized routing (a later,
   more confident token claims capacity first). Groups of one position (`group_by="position"`,
-  `group_size` 0 or dividing the batch) hold one token per sequence and are causal.
+  `group_size` 0 or dividing the batch) hold one token per sequence and are causal. This looks at
+  the routing only: in a bidirectional encoder nothing leaks (`leaks_future`).
   """
   moe = config.model.moe
   if not config.model.get("moe_every", 0):
@@ -291,23 +293,65 @@ def _check_ragged_exchange(problems: list[str], moe, check) -> None:
                   "buffer and fall back to the padded all-to-all.", stacklevel=3)
 
 
+def leaks_future(config) -> str | None:
+  """Why `config` is a causal decoder whose MoE routing sees later tokens, or None.
+
+  `noncausal_routing` for a decoder; None for a bidirectional encoder (`model.causal=False`),
+  where every position sees the whole sequence anyway, so no routing can leak anything.
+  """
+  if not config.model.get("causal", True):
+    return None
+  return noncausal_routing(config)
+
+
 def _check_causal_routing(problems: list[str], config) -> None:
   """A causal decoder must not see the future unless `model.moe.allow_noncausal` says so."""
-  if not config.model.get("causal", True):
-    # The decoder always masks attention causally and trains on next tokens; a bidirectional
-    # encoder needs another objective (masked prediction), which does not exist yet.
-    problems.append("config.model.causal=False is invalid; allowed: True (the only model is the "
-                    "causal decoder; a bidirectional encoder is not implemented).")
-    return
   if config.model.moe.get("allow_noncausal", False):
     return
-  reason = noncausal_routing(config)
+  reason = leaks_future(config)
   if reason:
     problems.append(
         f"config.{reason} in this causal decoder, so its validation loss would not be a "
         "language-model loss. Use config.model.moe.group_by='position' (groups of one position, "
         "causal; group_size 0 or dividing data.batch_size), or set "
         "config.model.moe.allow_noncausal=True to accept the leak.")
+
+
+def _check_objective(problems: list[str], config) -> None:
+  """`data.objective` and `model.causal` agree: "lm" trains a causal decoder, "mlm" an encoder.
+
+  A causal model cannot predict a masked byte from the context after it, and a bidirectional
+  model trained on next bytes would see its targets; the [MASK] id (`data.MASK_ID`) must fit in
+  the vocabulary.
+  """
+  objective = config.data.get("objective", "lm")
+  causal = config.model.get("causal", True)
+  if objective not in data.OBJECTIVES:
+    problems.append(f"config.data.objective={objective!r} is invalid; allowed: one of "
+                    f"{data.OBJECTIVES} ('lm' = next byte, causal decoder; 'mlm' = masked bytes, "
+                    "bidirectional encoder).")
+    return
+  if not isinstance(causal, bool):
+    problems.append(f"config.model.causal={causal!r} is invalid; allowed: True (decoder) or "
+                    "False (bidirectional encoder).")
+    return
+  if objective == "lm" and not causal:
+    problems.append("config.model.causal=False is invalid with config.data.objective='lm'; "
+                    "allowed: causal=True, or data.objective='mlm' (a bidirectional encoder "
+                    "trained on next bytes would see its own targets).")
+  if objective == "mlm":
+    if causal:
+      problems.append("config.model.causal=True is invalid with config.data.objective='mlm'; "
+                      "allowed: model.causal=False (a masked byte is predicted from the context "
+                      "on both sides, which a causal model does not see).")
+    rate = config.data.get("mask_rate", 0.15)
+    if not (_number(rate) and 0 < rate <= 1):
+      problems.append(f"config.data.mask_rate={rate!r} is invalid; allowed: a number in (0, 1].")
+    vocab = config.model.get("vocab_size")
+    if _positive_int(vocab) and vocab <= data.MASK_ID:
+      problems.append(f"config.model.vocab_size={vocab} is invalid with "
+                      f"config.data.objective='mlm'; allowed: at least {data.MASK_ID + 1} (the "
+                      f"byte vocabulary plus the [MASK] id {data.MASK_ID}).")
 
 
 def _check_schedule(problems: list[str], train_config) -> None:

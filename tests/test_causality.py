@@ -80,8 +80,9 @@ def test_validation_rejects_leaks_unless_allowed_and_names_the_fix():
   assert "config.model.moe.allow_noncausal=True" in message
   config.model.moe.allow_noncausal = True
   validate_config(config, 1)
-  config.model.causal = False  # no bidirectional encoder exists: refused, not silently causal
-  with pytest.raises(ConfigError, match="config.model.causal=False is invalid"):
+  config.model.causal = False  # an encoder trained on next bytes would see its targets
+  with pytest.raises(ConfigError, match="config.model.causal=False is invalid with "
+                     "config.data.objective='lm'"):
     validate_config(config, 1)
 
 

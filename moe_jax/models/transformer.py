@@ -1,11 +1,15 @@
-"""Decoder-only Transformer LM with a dense or MoE FFN in each block (Flax NNX).
+"""Transformer LM with a dense or MoE FFN in each block (Flax NNX): a causal decoder or an encoder.
 
 Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (RoPE, Su et al. 2021),
-causal multi-head attention, and an FFN that is an `MLP` or, every `moe_every`-th layer, a `MoELayer`.
+multi-head attention, and an FFN that is an `MLP` or, every `moe_every`-th layer, a `MoELayer`.
+Attention is causal by default (a decoder-only LM); `config.causal=False` drops the mask, which
+makes the same stack a bidirectional encoder (BERT, Devlin et al. 2019), trained with masked-byte
+prediction (`config.data.objective="mlm"`, `moe_jax.masking`).
 Parameters carry logical axis names (embed, mlp, heads, kv, vocab, expert) for `sharding.py`.
 
 `Transformer.decode` is the incremental (KV-cached) form of `__call__` used for sampling: it
-computes the logits of new tokens given a cache of the keys and values of all earlier positions.
+computes the logits of new tokens given a cache of the keys and values of all earlier positions
+(decoders only).
 """
 from __future__ import annotations
 
@@ -55,14 +59,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with RoPE: [B, S, D] -> [B, S, D]."""
+  """Multi-head self-attention with RoPE: [B, S, D] -> [B, S, D]; causal unless `causal=False`."""
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs,
-               rope_base: float = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32):
+               rope_base: float = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32,
+               causal: bool = True):
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}.")
     self.rope_base = rope_base
     self.dtype = dtype
+    self.causal = causal
     init_in = sharding.logical(
         nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
                                           out_axis=(1, 2)), ("embed", "heads", "kv"))
@@ -76,7 +82,10 @@ class Attention(nnx.Module):
     self.w_o = nnx.Param(init_out(rngs.params(), (num_heads, head_dim, d_model), param_dtype))
 
   def _project(self, x: jax.Array, param: nnx.Param) -> jax.Array:
-    return jnp.einsum("bsd,dhk->bshk", x, param[...].astype(self.dtype))
+    # f32 accumulation, rounded once: a bf16 result rounded per shard of a split contraction
+    # (embed over fsdp) before the cross-shard sum would differ by mesh (found by moe_jax.fuzz).
+    return jnp.einsum("bsd,dhk->bshk", x, param[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32).astype(self.dtype)
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
     """Attention of q [B, Q, H, Dh] over k, v [B, S, H, Dh] where visible [Q, S]: -> [B, Q, D]."""
@@ -86,7 +95,8 @@ class Attention(nnx.Module):
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    return jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype))
+    return jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype),
+                      preferred_element_type=jnp.float32).astype(self.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
@@ -94,7 +104,8 @@ class Attention(nnx.Module):
     k = apply_rope(self._project(x, self.w_k), positions, self.rope_base)
     v = self._project(x, self.w_v)
     seq = x.shape[1]
-    return self._attend(q, k, v, jnp.tril(jnp.ones((seq, seq), bool)))
+    visible = jnp.ones((seq, seq), bool)
+    return self._attend(q, k, v, jnp.tril(visible) if self.causal else visible)
 
   def decode(self, x: jax.Array, cache: LayerCache,
              index: jax.Array | int) -> tuple[jax.Array, LayerCache]:
@@ -156,7 +167,8 @@ class Block(nnx.Module):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.attn = Attention(config.d_model, config.num_heads, config.head_dim, rngs=rngs,
-                          rope_base=config.rope_base, dtype=dtype, param_dtype=param_dtype)
+                          rope_base=config.rope_base, dtype=dtype, param_dtype=param_dtype,
+                          causal=config.get("causal", True))
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.is_moe = is_moe_layer(layer, config.moe_every)
     if self.is_moe:
@@ -190,8 +202,9 @@ def _run_block(block: Block, x, positions, mask, rng, train: bool, global_load=N
 
 
 class Transformer(nnx.Module):
-  """Decoder-only LM: tokens [B, S] int -> (logits [B, S, V] float32, aux).
+  """Transformer LM: tokens [B, S] int -> (logits [B, S, V] float32, aux).
 
+  A decoder-only LM; a bidirectional encoder with `config.causal=False`.
   aux["loss"] is the sum over MoE layers of their weighted auxiliary losses (0 for a dense model);
   aux also holds, averaged over MoE layers, every scalar metric the layers share
   (`load_balance_loss`, `router_z_loss`, `dropped_fraction`, `router_entropy`,
@@ -216,6 +229,7 @@ class Transformer(nnx.Module):
       self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size),
                                     param_dtype))
     self.remat = config.remat
+    self.causal = config.get("causal", True)
 
   def __call__(self, tokens: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, *, train: bool = False,
@@ -257,7 +271,10 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     if self.tie_embeddings:
       # The embedding has unit-variance rows; 1/sqrt(D) keeps initial logits O(1).
-      return self.embed.attend(x.astype(self.dtype)).astype(jnp.float32) * x.shape[-1] ** -0.5
+      # Accumulated in f32 (not Embed.attend's compute dtype), like the untied projection.
+      logits = jnp.dot(x.astype(self.dtype), self.embed.embedding[...].astype(self.dtype).T,
+                       preferred_element_type=jnp.float32)
+      return logits * x.shape[-1] ** -0.5
     return jnp.dot(x, self.unembed[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
@@ -284,7 +301,15 @@ class Transformer(nnx.Module):
 
     Returns:
       (logits [B, S, V] float32, the updated cache).
+
+    Raises:
+      ValueError: the model is a bidirectional encoder (`config.causal=False`).
     """
+    if not self.causal:
+      # Every position of an encoder attends to later ones, which a cache of the past cannot hold.
+      raise ValueError("Transformer.decode needs a causal decoder; this model has "
+                       "model.causal=False (a bidirectional encoder sees later tokens, so it has "
+                       "no token-by-token decoding).")
     x = self.embed(tokens)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
