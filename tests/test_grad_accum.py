@@ -73,9 +73,9 @@ def assert_same_step(config, accum_steps, tol=2e-5):
   return metrics_1, state_1, state_k
 
 
-@pytest.mark.parametrize("accum_steps", [2, 4])
-def test_token_choice_global_balance_equals_one_step(accum_steps):
-  assert_same_step(accum_config(), accum_steps)
+def test_token_choice_global_balance_equals_one_step():
+  # k = 2 is covered by the ReLU, top-p and expert-parallel tests below.
+  assert_same_step(accum_config(), 4)
 
 
 def test_naive_per_micro_batch_balance_differs():
