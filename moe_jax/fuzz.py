@@ -67,10 +67,8 @@ import traceback  # noqa: E402
 from typing import Any, Callable, Iterable  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 # configs/ is not a package: it is found in the checkout this module runs from.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,8 +77,6 @@ if _ROOT not in sys.path:
 
 from configs import default, routers  # noqa: E402
 from moe_jax import data, expert_parallel, grad_accum, sharding, train  # noqa: E402
-from moe_jax.models.transformer import Transformer  # noqa: E402
-from moe_jax.router_state import RouterState  # noqa: E402
 from moe_jax.validation import ConfigError, validate_config  # noqa: E402
 
 NUM_DEVICES = 8
@@ -328,27 +324,6 @@ def _dataset(task: str, seq_len: int):
   return data.load_dataset(config, "train")
 
 
-def fresh_state(config, mesh, tx, compiler_options: dict | None = None):
-  """`train.fresh_state` with the parameter init compiled under `compiler_options`.
-
-  The parameters of `train.build_model` (the model's init under `jit` with its logical-axis
-  shardings); at full optimisation that init compiles slower than the train step of these tiny
-  models, which matters on 2 CPU cores. tests/test_fuzz.py checks that the two agree (to the
-  ulps by which unoptimised code rounds the initialisers differently) and shard alike.
-  """
-  create = lambda: Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
-  abstract = nnx.eval_shape(create)
-  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, RouterState)
-  init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(), nnx.Param)),
-                 out_shardings=sharding.state_shardings(mesh, abstract_params))
-  params = init.lower().compile(compiler_options)()
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-  router_state = train.init_router_state(config, mesh)
-  if router_state:
-    state["router_state"] = router_state
-  return graphdef, state
-
-
 def run_train_step(config, devices, fast_compile: bool = True) -> dict:
   """One `train.train_step` from the step-0 state on `config.mesh` over `devices`.
 
@@ -358,7 +333,8 @@ def run_train_step(config, devices, fast_compile: bool = True) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   tx, _ = train.make_optimizer(config.train)
   options = FAST_COMPILE if fast_compile else None
-  graphdef, state = fresh_state(config, mesh, tx, options)  # outside the mesh context (see train)
+  # Outside the mesh context (see train.train_and_evaluate).
+  graphdef, state = train.fresh_state(config, mesh, tx, compiler_options=options)
   batch = jax.device_put(_batch(config), sharding.batch_sharding(mesh))
   step = functools.partial(train.train_step, graphdef=graphdef, tx=tx, seed=config.seed,
                            grad_accum_steps=config.train.grad_accum_steps,

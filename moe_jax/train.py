@@ -34,11 +34,12 @@ State = dict[str, Any]
 # ------------------------------------------------------------------------------------- the model
 
 
-def build_model(config, mesh):
+def build_model(config, mesh, compiler_options: dict | None = None):
   """Returns (graphdef, params, param_shardings); params are initialised directly sharded.
 
   `nnx.merge(graphdef, params, router_state)` is the model, with `router_state` from
   `init_router_state` (an empty dict, which may be left out, for routers without state).
+  `compiler_options` go to XLA for the init (the fuzzer compiles unoptimised to save time).
   """
   seed = config.seed
 
@@ -49,11 +50,9 @@ def build_model(config, mesh):
   graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, RouterState)
   shardings = sharding.state_shardings(mesh, abstract_params)
 
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    return nnx.to_pure_dict(nnx.state(create(), nnx.Param))
-
-  return graphdef, init(), shardings
+  init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(), nnx.Param)),
+                 out_shardings=shardings)
+  return graphdef, init.lower().compile(compiler_options)(), shardings
 
 
 def init_router_state(config, mesh) -> dict:
@@ -152,13 +151,14 @@ def resumed_horizon(train_config, saved: int | None, step: int) -> tuple[int, st
   return saved, f"schedule horizon {saved} (saved with the checkpoint)"
 
 
-def fresh_state(config, mesh, tx) -> tuple[Any, State]:
+def fresh_state(config, mesh, tx, compiler_options: dict | None = None) -> tuple[Any, State]:
   """(graphdef, the step-0 training state {"step", "params", "opt_state"[, "router_state"]}).
 
-  For tools that run `train_step` outside the loop (benchmarks, tests); the loop builds its own
-  state with shardings and the saved schedule horizon.
+  For tools that run `train_step` outside the loop (benchmarks, tests, the fuzzer); the loop
+  builds its own state with shardings and the saved schedule horizon. `compiler_options`: as
+  for `build_model`.
   """
-  graphdef, params, _ = build_model(config, mesh)
+  graphdef, params, _ = build_model(config, mesh, compiler_options)
   router_state = init_router_state(config, mesh)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
   if router_state:
