@@ -12,6 +12,8 @@ Variants (big_vision style, `--config=configs/default.py:VARIANT`):
 """
 import ml_collections
 
+from moe_jax.models import rope
+
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `variant` is the text after ':' in --config."""
@@ -33,7 +35,20 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.activation = "swiglu"  # FFN activation, shared by MLP and experts ("swiglu" | "gelu").
   model.tie_embeddings = True  # Output projection reuses the input embedding.
   model.rope_base = 10_000.0  # RoPE wavelength base.
+  # RoPE context-extension scaling (models/rope.py): kind "none" | "llama3" | "yarn" and its fields.
+  model.rope_scaling = rope.default_scaling()
+  model.rope_interleaved = False  # RoPE pairs (2i, 2i+1) (DeepSeek) instead of (i, i + Dh/2).
   model.norm_eps = 1e-6  # RMSNorm epsilon.
+  model.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads (MHA).
+  model.qk_norm = "none"  # RMSNorm of queries and keys: "none" | "head" (Qwen3) | "projection" (OLMoE).
+  model.attention_bias = False  # Biases on the q, k, v projections (Qwen2).
+  model.attention_out_bias = False  # Bias on the output projection.
+  # Clamp q, k, v to [-c, c] after the qk-norm (OLMoE's clip_qkv); None = no clamp.
+  model.clip_qkv = ml_collections.config_dict.placeholder(float)
+  model.sliding_window = 0  # Keys visible from query q: q - window < k <= q; 0 = all (causal).
+  # Explicit MoE layer indices, e.g. (1, 2, 3); None = every moe_every-th layer.
+  model.moe_layers = ml_collections.config_dict.placeholder(tuple)
+  model.scale_tied_logits = True  # Tied logits times 1/sqrt(D) (ours); False for imported models.
   # Causal attention (a decoder LM, data.objective="lm"); False = a bidirectional encoder, which
   # needs data.objective="mlm" (configs/encoder.py).
   model.causal = True
@@ -62,6 +77,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   #   (batch-prioritized routing, V-MoE: most confident tokens first).
   moe.expert_hidden_dim = 256  # Hidden size of each expert; K * this = dense mlp_dim (equal FLOPs).
   moe.num_shared_experts = 0  # Always-on experts beside the routed ones (DeepSeekMoE).
+  moe.shared_expert_hidden_dim = 0  # Hidden size of the shared expert(s) together; 0 = n * expert's.
+  moe.shared_expert_gate = False  # Shared output times sigmoid(x w) per token (Qwen2-MoE).
   moe.normalize_top_k = True  # Renormalise the K selected probabilities to sum to 1 (Mixtral).
   moe.score_function = "softmax"  # Token-choice scores: "softmax" | "sigmoid" (DeepSeek-V3).
   moe.num_expert_groups = 1  # Group-limited routing: experts in n groups (DeepSeek-V3); 1 = off.

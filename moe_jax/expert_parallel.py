@@ -165,9 +165,19 @@ def dropless(tokens: jax.Array, expert_index: jax.Array, combine_weight: jax.Arr
   fn = functools.partial(bodies[exchange], ep=ep, activation=activation, dtype=dtype,
                          backend=backend, tiling=tiling)
   weight_specs = _weight_specs(weights, mesh)
-  return jax.shard_map(
+  # Any token count works (a 13-token prompt on 8 devices): padding rows go to no expert.
+  num_tokens = tokens.shape[0]
+  shards = math.prod(mesh.shape[axis] for axis in batch_spec[0])
+  pad = -num_tokens % shards
+  if pad:
+    num_experts = weights[-1].shape[0]
+    tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+    expert_index = jnp.pad(expert_index, ((0, pad), (0, 0)), constant_values=num_experts)
+    combine_weight = jnp.pad(combine_weight, ((0, pad), (0, 0)))
+  out = jax.shard_map(
       fn, mesh=mesh, in_specs=(batch_spec, batch_spec, batch_spec, weight_specs),
       out_specs=batch_spec)(tokens, expert_index, combine_weight, weights)
+  return out[:num_tokens]
 
 
 def _dropless_allgather(tokens, expert_index, combine_weight, weights, *, ep, activation, dtype,

@@ -92,9 +92,16 @@ class MoELayer(nnx.Module):
                            gmm_backend=config.get("gmm_backend", "auto"),
                            gmm_tiling=_gmm_tiling(config))
     num_shared = config.get("num_shared_experts", 0) or 0
-    self.shared_experts = (MLP(d_model, num_shared * config.expert_hidden_dim, rngs=rngs,
-                               activation=activation, dtype=dtype, param_dtype=param_dtype)
+    shared_hidden = (config.get("shared_expert_hidden_dim", 0)
+                     or num_shared * config.expert_hidden_dim)
+    self.shared_experts = (MLP(d_model, shared_hidden, rngs=rngs, activation=activation,
+                               dtype=dtype, param_dtype=param_dtype)
                            if num_shared > 0 else None)
+    # Qwen2-MoE's shared expert gate: the shared output times sigmoid(x w) per token, w [D, 1].
+    self.shared_expert_gate = (
+        nnx.Param(sharding.logical(nnx.initializers.zeros, ("embed", None))(
+            rngs.params(), (d_model, 1), param_dtype))
+        if num_shared > 0 and config.get("shared_expert_gate", False) else None)
     self.zero_experts = (ZeroComputationExperts(config, d_model, rngs=rngs,
                                                 param_dtype=param_dtype)
                          if routing.num_extra_experts(config) else None)
@@ -136,11 +143,19 @@ class MoELayer(nnx.Module):
                             train=train, rng=rng, global_load=global_load)
     y = y.reshape(rows, seq, d_model)
     if self.shared_experts is not None:
-      shared = self.shared_experts(x).astype(jnp.float32)
-      y = y + shared * valid.reshape(rows, seq, 1)  # padding gets no output from any expert
+      # padding gets no output from any expert
+      y = y + self.shared_output(x) * valid.reshape(rows, seq, 1)
     if by_position:
       y = y.transpose(1, 0, 2)
     return y.astype(x.dtype), aux
+
+  def shared_output(self, x: jax.Array) -> jax.Array:
+    """The shared experts' output [..., D] float32 (gated per token when `shared_expert_gate`)."""
+    shared = self.shared_experts(x).astype(jnp.float32)
+    if self.shared_expert_gate is None:
+      return shared
+    gate = jnp.dot(x.astype(jnp.float32), self.shared_expert_gate[...].astype(jnp.float32))
+    return shared * jax.nn.sigmoid(gate)
 
   # ------------------------------------------------------------------------------ sparse routers
 

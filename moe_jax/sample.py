@@ -5,7 +5,8 @@
 
 The model is rebuilt from DIR/config.json and only its parameters are restored from the latest
 checkpoint in DIR/checkpoints (the optimizer state stays on disk). The prompt is encoded as
-`seqio.ByteVocabulary` ids (byte + 3), prefilled through `Transformer.decode` in one call, and then
+`seqio.ByteVocabulary` ids (byte + 3), or with DIR/tokenizer/tokenizer.json when DIR was converted
+from a Hugging Face model (`moe_jax.convert`; then EOS is the hub config's `eos_token_id`), prefilled through `Transformer.decode` in one call, and then
 one token per step is sampled inside a single jitted `lax.while_loop` that stops at EOS (id 1) or
 after `max_new_tokens`. MoE layers route every new token dropless (see
 `models.transformer.moe_decode_ffn`). Nucleus (top-p) sampling follows Holtzman et al., "The Curious
@@ -228,7 +229,27 @@ def sample_text(workdir: str, prompt: str, **kwargs) -> str:
   check_sampling_args(temperature=kwargs.get("temperature", 1.0), top_p=kwargs.get("top_p", 1.0),
                       max_new_tokens=kwargs.get("max_new_tokens", 200))
   model = load_params(workdir)
-  return prompt + decode(generate(model, encode(prompt), **kwargs))
+  encode_fn, decode_fn, eos_id = text_codec(workdir, model.config)
+  kwargs.setdefault("eos_id", eos_id)
+  return prompt + decode_fn(generate(model, encode_fn(prompt), **kwargs))
+
+
+def text_codec(workdir: str, config):
+  """(encode, decode, eos id) of a workdir: its Hugging Face tokenizer (WORKDIR/tokenizer/, from
+  `moe_jax.convert --from_hf`) when it has one, else the byte vocabulary."""
+  tokenizer_dir = os.path.join(workdir, "tokenizer")
+  if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+    return encode, decode, data.EOS_ID
+  from moe_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=g-import-not-at-top
+
+  tok = hf_tokenizer.load_tokenizer(tokenizer_dir)
+  eos_id = hf_tokenizer.eos_token_id(config.get("hf", {}).get("config_json"))
+
+  def decode_ids(ids):
+    ids = list(ids)
+    return tok.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids)
+
+  return (lambda text: tok.encode(text).ids), decode_ids, eos_id
 
 
 # ------------------------------------------------------------------------------------------- CLI

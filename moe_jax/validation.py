@@ -86,8 +86,9 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check("model.moe_every", "an integer >= 0 (0 = dense)", _nonnegative_int)
   check("model.activation", f"one of {ACTIVATIONS}", lambda v: v in ACTIVATIONS)
 
+  _check_attention(problems, config.model)
   moe = config.model.moe
-  if config.model.get("moe_every", 0):
+  if config.model.get("moe_every", 0) or config.model.get("moe_layers"):
     check("model.moe.router", f"one of {routing.ROUTERS}", lambda v: v in routing.ROUTERS)
     check("model.moe.num_experts", "a positive integer", _positive_int)
     check("model.moe.top_k", f"an integer in [1, num_experts={moe.get('num_experts')}]",
@@ -137,6 +138,39 @@ def validate_config(config, num_devices: int | None = None) -> None:
   _check_mesh(problems, config, num_devices)
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_attention(problems: list[str], model) -> None:
+  """Fields of grouped-query attention, qk-norm, RoPE scaling and the layer layout (optional:
+  configs written before they existed take the defaults)."""
+  from moe_jax.models import attention, rope  # pylint: disable=g-import-not-at-top
+
+  def check(name, allowed, predicate):
+    if name in model:
+      _check(problems, model, name, allowed, predicate)
+
+  prefix = lambda text: text.replace("config.", "config.model.", 1)
+  start = len(problems)
+  heads = model.get("num_heads")
+  check("num_kv_heads", f"0 (= num_heads) or a positive divisor of num_heads={heads}",
+        lambda v: v == 0 or (_positive_int(v) and _positive_int(heads) and heads % v == 0))
+  check("qk_norm", f"one of {attention.QK_NORMS}", lambda v: v in attention.QK_NORMS)
+  check("clip_qkv", "None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
+  check("sliding_window", "an integer >= 0 (0 = no window)", _nonnegative_int)
+  layers = model.get("num_layers")
+  check("moe_layers", f"None or distinct layer indices in [0, num_layers={layers})",
+        lambda v: v is None or (all(isinstance(i, int) and 0 <= i < layers for i in v)
+                                and len(set(v)) == len(v)))
+  scaling = model.get("rope_scaling")
+  if scaling is not None:
+    kind = scaling.get("kind", "none")
+    if kind not in rope.SCALINGS:
+      problems.append(f"config.rope_scaling.kind={kind!r} is invalid; allowed: one of "
+                      f"{rope.SCALINGS}.")
+    elif kind != "none" and not scaling.get("original_max_len", 0) > 0:
+      problems.append(f"config.rope_scaling.original_max_len={scaling.get('original_max_len')!r} "
+                      f"is invalid; allowed: a positive integer (needed by kind {kind!r}).")
+  problems[start:] = [prefix(p) for p in problems[start:]]
 
 
 def _number(v) -> bool:

@@ -1,7 +1,8 @@
 """Transformer LM with a dense or MoE FFN in each block (Flax NNX): a causal decoder or an encoder.
 
-Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (RoPE, Su et al. 2021),
-multi-head attention, and an FFN that is an `MLP` or, every `moe_every`-th layer, a `MoELayer`.
+Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019, `models/norms.py`), multi-head or grouped-query
+attention with RoPE and its variants (`models/attention.py`, `models/rope.py`), and an FFN that is an
+`MLP` or, in the MoE layers (every `moe_every`-th, or the explicit `moe_layers`), a `MoELayer`.
 Attention is causal by default (a decoder-only LM); `config.causal=False` drops the mask, which
 makes the same stack a bidirectional encoder (BERT, Devlin et al. 2019), trained with masked-byte
 prediction (`config.data.objective="mlm"`, `moe_jax.masking`).
@@ -20,10 +21,9 @@ from flax import nnx
 
 from moe_jax import dispatch, routing, sharding
 
+from moe_jax.models.attention import Attention, LayerCache
+from moe_jax.models.norms import RMSNorm
 from moe_jax.moe import MLP, MoELayer
-
-# A layer's KV cache: {"k": [B, L, H, Dh], "v": [B, L, H, Dh]}; keys are stored with RoPE applied.
-LayerCache = dict[str, jax.Array]
 
 
 def is_moe_layer(layer: int, moe_every: int) -> bool:
@@ -31,111 +31,26 @@ def is_moe_layer(layer: int, moe_every: int) -> bool:
   return moe_every > 0 and (layer + 1) % moe_every == 0
 
 
-class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis [..., D], computed in float32."""
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
-    self.eps = eps
-    init = sharding.logical(nnx.initializers.ones, ("embed",))
-    self.scale = nnx.Param(init(jax.random.key(0), (dim,), param_dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+def moe_layer_indices(config) -> tuple[int, ...]:
+  """The MoE layers of `config.model`: `moe_layers` when set, else every `moe_every`-th layer."""
+  explicit = config.get("moe_layers")
+  if explicit is not None:
+    return tuple(sorted(int(i) for i in explicit))
+  return tuple(i for i in range(config.num_layers) if is_moe_layer(i, config.moe_every))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding (Su et al. 2021, eq. 34) on x [B, S, H, Dh] at positions [B, S].
-
-  Uses the half-split pairing (dimension i rotates with i + Dh/2), computed in float32.
-  """
-  half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, S, 1, half]
-  sin, cos = jnp.sin(angle), jnp.cos(angle)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention with RoPE: [B, S, D] -> [B, S, D]; causal unless `causal=False`."""
-
-  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs,
-               rope_base: float = 10_000.0, dtype=jnp.float32, param_dtype=jnp.float32,
-               causal: bool = True):
-    if head_dim % 2:
-      raise ValueError(f"head_dim must be even for RoPE, got {head_dim}.")
-    self.rope_base = rope_base
-    self.dtype = dtype
-    self.causal = causal
-    init_in = sharding.logical(
-        nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0,
-                                          out_axis=(1, 2)), ("embed", "heads", "kv"))
-    init_out = sharding.logical(
-        nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1),
-                                          out_axis=2), ("heads", "kv", "embed"))
-    shape_in = (d_model, num_heads, head_dim)
-    self.w_q = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
-    self.w_k = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
-    self.w_v = nnx.Param(init_in(rngs.params(), shape_in, param_dtype))
-    self.w_o = nnx.Param(init_out(rngs.params(), (num_heads, head_dim, d_model), param_dtype))
-
-  def _project(self, x: jax.Array, param: nnx.Param) -> jax.Array:
-    # f32 accumulation, rounded once: a bf16 result rounded per shard of a split contraction
-    # (embed over fsdp) before the cross-shard sum would differ by mesh (found by moe_jax.fuzz).
-    return jnp.einsum("bsd,dhk->bshk", x, param[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32).astype(self.dtype)
-
-  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-    """Attention of q [B, Q, H, Dh] over k, v [B, S, H, Dh] where visible [Q, S]: -> [B, Q, D]."""
-    # Scores and softmax in float32 whatever the activation dtype.
-    scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (q.shape[-1] ** -0.5)
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    return jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype),
-                      preferred_element_type=jnp.float32).astype(self.dtype)
-
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    q = apply_rope(self._project(x, self.w_q), positions, self.rope_base)
-    k = apply_rope(self._project(x, self.w_k), positions, self.rope_base)
-    v = self._project(x, self.w_v)
-    seq = x.shape[1]
-    visible = jnp.ones((seq, seq), bool)
-    return self._attend(q, k, v, jnp.tril(visible) if self.causal else visible)
-
-  def decode(self, x: jax.Array, cache: LayerCache,
-             index: jax.Array | int) -> tuple[jax.Array, LayerCache]:
-    """Attention of S new tokens over a KV cache: x [B, S, D] at positions index .. index+S-1.
-
-    The new keys (RoPE at their absolute positions) and values are written into the cache at
-    `index`; each new token attends to cache slots 0 .. its own position, so slots past it (stale
-    or zero) are never read. `index + S` must not exceed the cache length L.
-
-    Args:
-      x: [B, S, D] normalised inputs of the new tokens (S = prompt length to prefill, 1 per step).
-      cache: {"k", "v"} [B, L, H, Dh] holding positions < index.
-      index: scalar int, the absolute position of x[:, 0] (the same for every sequence).
-
-    Returns:
-      (y [B, S, D], the updated cache).
-    """
-    x = x.astype(self.dtype)
-    batch, seq, _ = x.shape
-    positions = index + jnp.arange(seq)
-    batch_positions = jnp.broadcast_to(positions, (batch, seq))
-    q = apply_rope(self._project(x, self.w_q), batch_positions, self.rope_base)
-    k = apply_rope(self._project(x, self.w_k), batch_positions, self.rope_base)
-    v = self._project(x, self.w_v)
-    start = (0, index, 0, 0)
-    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-             "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
-    visible = jnp.arange(cache["k"].shape[1])[None, :] <= positions[:, None]  # [S, L]
-    y = self._attend(q, cache["k"].astype(self.dtype), cache["v"].astype(self.dtype), visible)
-    return y, cache
+def build_attention(config, *, rngs: nnx.Rngs) -> Attention:
+  """The `Attention` of a block from `config.model` (missing fields take today's defaults)."""
+  return Attention(
+      config.d_model, config.num_heads, config.head_dim, rngs=rngs,
+      num_kv_heads=config.get("num_kv_heads", 0) or 0, rope_base=config.rope_base,
+      rope_scaling=config.get("rope_scaling"),
+      rope_interleaved=config.get("rope_interleaved", False),
+      qk_norm=config.get("qk_norm", "none"), norm_eps=config.norm_eps,
+      qkv_bias=config.get("attention_bias", False),
+      out_bias=config.get("attention_out_bias", False), clip_qkv=config.get("clip_qkv"),
+      sliding_window=config.get("sliding_window", 0) or 0, dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype), causal=config.get("causal", True))
 
 
 def moe_decode_ffn(layer: MoELayer, x: jax.Array) -> jax.Array:
@@ -156,7 +71,7 @@ def moe_decode_ffn(layer: MoELayer, x: jax.Array) -> jax.Array:
   decision = layer.route(tokens, jnp.ones((batch * seq,), bool), seq)
   y = layer.dropless_output(tokens, decision).reshape(batch, seq, d_model)
   if layer.shared_experts is not None:
-    y = y + layer.shared_experts(x).astype(jnp.float32)
+    y = y + layer.shared_output(x)
   return y.astype(x.dtype)
 
 
@@ -166,11 +81,9 @@ class Block(nnx.Module):
   def __init__(self, config, layer: int, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-    self.attn = Attention(config.d_model, config.num_heads, config.head_dim, rngs=rngs,
-                          rope_base=config.rope_base, dtype=dtype, param_dtype=param_dtype,
-                          causal=config.get("causal", True))
+    self.attn = build_attention(config, rngs=rngs)
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-    self.is_moe = is_moe_layer(layer, config.moe_every)
+    self.is_moe = layer in moe_layer_indices(config)
     if self.is_moe:
       self.ffn = MoELayer(config.moe, config.d_model, rngs=rngs, activation=config.activation,
                           dtype=dtype, param_dtype=param_dtype)
@@ -217,6 +130,8 @@ class Transformer(nnx.Module):
     param_dtype = jnp.dtype(config.param_dtype)
     self.dtype = jnp.dtype(config.dtype)
     self.tie_embeddings = config.tie_embeddings
+    # Our own tied models scale logits by 1/sqrt(D); imported tied models (Qwen3) do not.
+    self.scale_tied_logits = config.get("scale_tied_logits", True)
     self.embed = nnx.Embed(
         config.vocab_size, config.d_model, param_dtype=param_dtype, dtype=self.dtype, rngs=rngs,
         embedding_init=sharding.logical(nnx.initializers.normal(1.0), ("vocab", "embed")))
@@ -274,17 +189,12 @@ class Transformer(nnx.Module):
       # Accumulated in f32 (not Embed.attend's compute dtype), like the untied projection.
       logits = jnp.dot(x.astype(self.dtype), self.embed.embedding[...].astype(self.dtype).T,
                        preferred_element_type=jnp.float32)
-      return logits * x.shape[-1] ** -0.5
+      return logits * x.shape[-1] ** -0.5 if self.scale_tied_logits else logits
     return jnp.dot(x, self.unembed[...].astype(self.dtype), preferred_element_type=jnp.float32)
 
   def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
-    """An empty KV cache for `batch` sequences of up to `max_len` tokens: k, v [B, L, H, Dh]."""
-    caches = []
-    for block in self.blocks:
-      _, num_heads, head_dim = block.attn.w_k[...].shape
-      zeros = jnp.zeros((batch, max_len, num_heads, head_dim), self.dtype)
-      caches.append({"k": zeros, "v": zeros})
-    return caches
+    """An empty KV cache for `batch` sequences of up to `max_len` tokens: k, v [B, L, H_kv, Dh]."""
+    return [block.attn.init_cache(batch, max_len) for block in self.blocks]
 
   def decode(self, tokens: jax.Array, cache: list[LayerCache],
              index: jax.Array | int) -> tuple[jax.Array, list[LayerCache]]:

@@ -1,0 +1,252 @@
+"""`from_pretrained` and `save_pretrained`: Hugging Face checkpoints into our Transformer and back.
+
+Import streams: each parameter is made from its hub tensors (memory-mapped, see
+`safetensors_io`), converted to the parameter dtype and placed on the mesh with the project's
+logical sharding rules before the next one is read, so the host holds the placed parameters plus
+about one parameter's worth of temporaries. Export gathers one parameter at a time and writes
+safetensors shards of bounded size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from moe_jax import sharding
+from moe_jax.hf import common, llama, mixtral, olmoe, qwen_moe, safetensors_io, tensors
+from moe_jax.hf.errors import CheckpointMismatchError, UnsupportedConfigError
+from moe_jax.models.transformer import Transformer, moe_layer_indices
+
+FAMILIES: dict[str, common.Family] = {
+    f.model_type: f for f in (mixtral.FAMILY, qwen_moe.QWEN3_MOE, olmoe.FAMILY, qwen_moe.QWEN2_MOE,
+                              llama.LLAMA, llama.QWEN3)}
+DTYPES = ("float32", "bfloat16", "float16")
+# Hub tensors transformers itself ignores on load.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def family_of(model_type: str | None) -> common.Family:
+  """The `Family` of a hub `model_type`; UnsupportedConfigError for any other."""
+  if model_type not in FAMILIES:
+    raise UnsupportedConfigError(f"model_type={model_type!r} is not supported; supported: "
+                                 f"{', '.join(FAMILIES)}.")
+  return FAMILIES[model_type]
+
+
+def read_hub_config(path: str) -> dict:
+  """PATH/config.json as a dict."""
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file} does not exist: a Hugging Face checkpoint directory holds "
+                            "config.json and model*.safetensors.")
+  with open(file) as f:
+    return json.load(f)
+
+
+def config_from_hub(hub: dict, *, dtype: str | None = None) -> ml_collections.ConfigDict:
+  """Our experiment config (configs/default.py with `model` from the hub config, plus `hf`).
+
+  `dtype`: the parameter and compute dtype; default the checkpoint's (`dtype` / `torch_dtype`),
+  else float32.
+  """
+  family = family_of(hub.get("model_type"))
+  config = common.default_experiment_config()
+  model = config.model
+  common.read_common(hub, model, family)
+  family.read(hub, model)
+  dtype = dtype or hub.get("dtype") or hub.get("torch_dtype") or "float32"
+  if dtype not in DTYPES:
+    raise UnsupportedConfigError(f"dtype={dtype!r} is not supported; supported: {DTYPES}.")
+  model.dtype = model.param_dtype = dtype
+  config.hf = ml_collections.ConfigDict({"model_type": family.model_type,
+                                         "config_json": json.dumps(hub, sort_keys=True)})
+  return config
+
+
+def _abstract_model(config):
+  create = lambda: Transformer(config.model, rngs=nnx.Rngs(params=0))
+  return create, nnx.eval_shape(create)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  for key in path[:-1]:
+    tree = tree[key]
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def model_specs(config) -> list[tensors.TensorSpec]:
+  family = family_of(config.hf.model_type)
+  return tensors.model_specs(config.model, moe_layer_indices(config.model), family.names)
+
+
+def load_params(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """The parameters of `config`'s model from the checkpoint in `path` (pure dict, placed).
+
+  Raises:
+    CheckpointMismatchError: a tensor is missing, unexpected, or of the wrong shape.
+  """
+  _, abstract = _abstract_model(config)
+  abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  shardings = (sharding.state_shardings(mesh, nnx.state(abstract, nnx.Param))
+               if mesh is not None else None)
+  dtype = jnp.dtype(config.model.param_dtype)
+  reader = safetensors_io.CheckpointReader(path)
+  used = set()
+  loaded = jax.tree.map(lambda _: None, abstract_params)
+  try:
+    for spec in model_specs(config):
+      for name, shape in zip(spec.sources, spec.hub_shapes):
+        if reader.shape(name) != shape:  # reader.shape raises for a missing tensor
+          raise CheckpointMismatchError(f"tensor {name!r} has shape {reader.shape(name)}; the "
+                                        f"config expects {shape}.")
+      value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources])).astype(dtype)
+      target = _get(abstract_params, spec.path)
+      assert value.shape == target.shape, (spec.path, value.shape, target.shape)
+      placed = (jax.device_put(value, _get(shardings, spec.path)) if shardings is not None
+                else jnp.asarray(value))
+      _set(loaded, spec.path, placed)
+      used.update(spec.sources)
+      del value
+  finally:
+    reader.close()
+  unexpected = [n for n in reader.names
+                if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+  if unexpected:
+    raise CheckpointMismatchError(
+        f"{len(unexpected)} tensor(s) in {path} do not belong to the configured model, e.g. "
+        f"{unexpected[:5]}.")
+  return loaded
+
+
+def _other_state(config, mesh):
+  """Non-parameter variables (router state) at their initial values (empty for these families)."""
+  create, abstract = _abstract_model(config)
+  _, _, rest = nnx.split(abstract, nnx.Param, ...)
+  if not jax.tree.leaves(rest):
+    return rest
+  init = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2],
+                 out_shardings=None if mesh is None else sharding.replicated(mesh))
+  return init()
+
+
+def from_pretrained(path: str, *, dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[Transformer, Any]:
+  """Loads a Hugging Face checkpoint directory as (our Transformer, its experiment config).
+
+  Args:
+    path: a directory with config.json and model.safetensors (or shards with the index).
+    dtype: parameter and compute dtype; default the checkpoint's.
+    mesh: place parameters on this mesh (experts over `expert`, etc.); None = the default device.
+      Call the model under `jax.set_mesh(mesh)`.
+
+  Raises:
+    UnsupportedConfigError: unknown model_type or an unsupported config value (named).
+    CheckpointMismatchError: a missing, unexpected or wrongly shaped tensor (named).
+  """
+  config = config_from_hub(read_hub_config(path), dtype=dtype)
+  params = load_params(path, config, mesh)
+  _, abstract = _abstract_model(config)
+  graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
+  nnx.replace_by_pure_dict(param_state, params)
+  model = nnx.merge(graphdef, param_state, _other_state(config, mesh))
+  logging.info("Loaded %s (%s) from %s: %d parameters.", config.hf.model_type,
+               config.model.param_dtype, path,
+               sum(x.size for x in jax.tree.leaves(params)))
+  return model, config
+
+
+def hub_config(config, model_type: str | None = None) -> dict:
+  """The hub config.json of our `config` as family `model_type` (default: where it came from).
+
+  Raises:
+    UnsupportedConfigError: the family cannot express a field of our model (named).
+  """
+  imported = config.get("hf")
+  model_type = model_type or (imported.model_type if imported else None)
+  if model_type is None:
+    raise UnsupportedConfigError("model_type is needed to export a model trained here (e.g. "
+                                 "model_type='mixtral' or 'qwen3_moe').")
+  family = family_of(model_type)
+  hub = (json.loads(imported.config_json)
+         if imported and imported.model_type == model_type else {})
+  for legacy in ("rope_theta", "rope_scaling", "torch_dtype"):
+    hub.pop(legacy, None)
+  common.write_common(config.model, hub, family)
+  family.write(config.model, hub)
+  check_representable(config, hub)
+  return hub
+
+
+def check_representable(config, hub: dict) -> None:
+  """Raises UnsupportedConfigError naming every math field the hub config does not reproduce."""
+  again = config_from_hub(hub, dtype=config.model.param_dtype).model
+  ours, problems = config.model, []
+  for name in common.MATH_FIELDS:
+    if _norm(ours.get(name)) != _norm(again.get(name)):
+      problems.append(f"model.{name}={ours.get(name)!r} (the export would give "
+                      f"{again.get(name)!r})")
+  if moe_layer_indices(ours):
+    for name in common.MOE_MATH_FIELDS:
+      if _norm(ours.moe.get(name)) != _norm(again.moe.get(name)):
+        problems.append(f"model.moe.{name}={ours.moe.get(name)!r} (the export would give "
+                        f"{again.moe.get(name)!r})")
+  if moe_layer_indices(ours) != moe_layer_indices(again):
+    problems.append(f"MoE layers {moe_layer_indices(ours)} (the export would give "
+                    f"{moe_layer_indices(again)})")
+  if (ours.get("rope_scaling") or {}) != (again.get("rope_scaling") or {}):
+    problems.append(f"model.rope_scaling={ours.get('rope_scaling')}")
+  if problems:
+    raise UnsupportedConfigError(f"{hub['model_type']!r} cannot express this model: "
+                                 + "; ".join(problems) + ".")
+  if ours.moe.get("capacity_factor") is not None and moe_layer_indices(ours):
+    logging.warning("model.moe.capacity_factor=%s: the exported model routes dropless, like "
+                    "every Hugging Face MoE at inference.", ours.moe.capacity_factor)
+
+
+def _norm(value):
+  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def save_pretrained(model: Transformer, config, out_dir: str, *, model_type: str | None = None,
+                    max_shard_bytes: int = 5 * 2 ** 30) -> list[str]:
+  """Writes `model` as a Hugging Face checkpoint: config.json + safetensors in the hub layout.
+
+  Args:
+    model: our Transformer (e.g. from `from_pretrained`, or trained here).
+    config: its experiment config (`config.model`; `config.hf` when imported).
+    out_dir: the directory to write.
+    model_type: the family to write as; default the one it was imported from.
+    max_shard_bytes: largest safetensors file; more files get `model.safetensors.index.json`.
+
+  Returns:
+    The safetensors file names written.
+  """
+  hub = hub_config(config, model_type)
+  export_config = ml_collections.ConfigDict(config)
+  export_config.hf = ml_collections.ConfigDict({"model_type": hub["model_type"],
+                                                "config_json": json.dumps(hub)})
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  def stream():
+    for spec in model_specs(export_config):
+      value = np.asarray(jax.device_get(_get(params, spec.path)))
+      for name, tensor in zip(spec.sources, spec.to_hub(value)):
+        yield name, np.ascontiguousarray(tensor)
+
+  files = safetensors_io.write_checkpoint(stream(), out_dir, max_shard_bytes=max_shard_bytes)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hub, f, indent=2, sort_keys=True)
+  return files

@@ -1,0 +1,149 @@
+"""How each of our parameters is made from hub tensors and back: `TensorSpec`s, built once per layout.
+
+Our parameters (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`) keep the contraction's input axes
+first: attention w_q [D, H, Dh], w_o [H, Dh, D], MLP w_up [D, F], experts w_gate_up [E, D, 2F]
+(gate and up interleaved, `experts.fuse_gate_up`) and w_down [E, F, D], router [D, E], unembed
+[D, V]. Hub `Linear` weights are [out, in], experts one tensor per expert and projection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+Path = tuple  # keys into the pure parameter dict, e.g. ("blocks", 0, "attn", "w_q")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+  """One parameter: its path, the hub tensors it is made of, and the two conversions."""
+  path: Path
+  sources: tuple[str, ...]  # hub tensor names
+  hub_shapes: tuple[tuple[int, ...], ...]  # their expected shapes
+  to_ours: Callable[[list[np.ndarray]], np.ndarray]
+  to_hub: Callable[[np.ndarray], list[np.ndarray]]
+
+
+def linear(path: Path, name: str, shape: Sequence[int], num_in: int) -> TensorSpec:
+  """A hub Linear weight [out, in] as our [*in_dims, *out_dims] (`num_in` input dims)."""
+  shape = tuple(shape)
+  fan_in, fan_out = math.prod(shape[:num_in]), math.prod(shape[num_in:])
+  return TensorSpec(path, (name,), ((fan_out, fan_in),),
+                    lambda w: w[0].T.reshape(shape),
+                    lambda a: [a.reshape(fan_in, fan_out).T])
+
+
+def same(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
+  """A flat hub vector holding our values in the same order (norm scales, biases)."""
+  shape = tuple(shape)
+  return TensorSpec(path, (name,), ((math.prod(shape),),), lambda w: w[0].reshape(shape),
+                    lambda a: [a.reshape(-1)])
+
+
+def stacked_linear(path: Path, names: Sequence[str], shape: Sequence[int]) -> TensorSpec:
+  """Per-expert hub Linear weights [out, in] as our [E, in, out]."""
+  num, fan_in, fan_out = shape
+  return TensorSpec(path, tuple(names), ((fan_out, fan_in),) * num,
+                    lambda ws: np.stack([w.T for w in ws]),
+                    lambda a: [a[e].T for e in range(num)])
+
+
+def stacked_gate_up(path: Path, gate_names: Sequence[str], up_names: Sequence[str],
+                    shape: Sequence[int]) -> TensorSpec:
+  """Per-expert hub gate and up weights [F, D] as our interleaved w_gate_up [E, D, 2F]."""
+  num, d_model, twice_hidden = shape
+  hidden = twice_hidden // 2
+
+  def to_ours(ws):
+    gate = np.stack([w.T for w in ws[:num]])
+    up = np.stack([w.T for w in ws[num:]])
+    return np.stack([gate, up], axis=-1).reshape(num, d_model, twice_hidden)
+
+  def to_hub(a):
+    pairs = a.reshape(num, d_model, hidden, 2)
+    return [pairs[e, :, :, 0].T for e in range(num)] + [pairs[e, :, :, 1].T for e in range(num)]
+
+  return TensorSpec(path, tuple(gate_names) + tuple(up_names), ((hidden, d_model),) * 2 * num,
+                    to_ours, to_hub)
+
+
+@dataclasses.dataclass(frozen=True)
+class HubNames:
+  """The hub names of one family's decoder layer (Llama's by default), `{i}` = layer, `{e}` = expert."""
+  layer: str = "model.layers.{i}."
+  attn_norm: str = "input_layernorm.weight"
+  ffn_norm: str = "post_attention_layernorm.weight"
+  attention: str = "self_attn."
+  mlp: str = "mlp."  # a dense layer's gate_proj / up_proj / down_proj
+  router: str = "mlp.gate.weight"
+  expert: str = "mlp.experts.{e}."
+  expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+  shared_expert: str = "mlp.shared_expert."
+  shared_expert_gate: str = "mlp.shared_expert_gate.weight"
+
+
+def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[TensorSpec]:
+  """The specs of decoder layer `layer` of `config.model` `model`."""
+  d, h, dh = model.d_model, model.num_heads, model.head_dim
+  kv = model.get("num_kv_heads", 0) or h
+  pre = names.layer.format(i=layer)
+  at = pre + names.attention
+  block = ("blocks", layer)
+  specs = [
+      same(block + ("attn_norm", "scale"), pre + names.attn_norm, (d,)),
+      same(block + ("ffn_norm", "scale"), pre + names.ffn_norm, (d,)),
+      linear(block + ("attn", "w_q"), at + "q_proj.weight", (d, h, dh), 1),
+      linear(block + ("attn", "w_k"), at + "k_proj.weight", (d, kv, dh), 1),
+      linear(block + ("attn", "w_v"), at + "v_proj.weight", (d, kv, dh), 1),
+      linear(block + ("attn", "w_o"), at + "o_proj.weight", (h, dh, d), 2),
+  ]
+  if model.get("attention_bias", False):
+    specs += [same(block + ("attn", "b_q"), at + "q_proj.bias", (h, dh)),
+              same(block + ("attn", "b_k"), at + "k_proj.bias", (kv, dh)),
+              same(block + ("attn", "b_v"), at + "v_proj.bias", (kv, dh))]
+  if model.get("attention_out_bias", False):
+    specs.append(same(block + ("attn", "b_o"), at + "o_proj.bias", (d,)))
+  qk_norm = model.get("qk_norm", "none")
+  if qk_norm != "none":
+    q_dim, k_dim = (dh, dh) if qk_norm == "head" else (h * dh, kv * dh)
+    specs += [same(block + ("attn", "q_norm", "scale"), at + "q_norm.weight", (q_dim,)),
+              same(block + ("attn", "k_norm", "scale"), at + "k_norm.weight", (k_dim,))]
+  ffn = block + ("ffn",)
+  if not is_moe:
+    return specs + mlp_specs(ffn, pre + names.mlp, d, model.mlp_dim)
+  moe = model.moe
+  e, f = moe.num_experts, moe.expert_hidden_dim
+  gate_p, up_p, down_p = names.expert_projections
+  expert = lambda proj: [pre + names.expert.format(e=j) + proj + ".weight" for j in range(e)]
+  specs += [
+      linear(ffn + ("router", "kernel"), pre + names.router, (d, e), 1),
+      stacked_gate_up(ffn + ("experts", "w_gate_up"), expert(gate_p), expert(up_p), (e, d, 2 * f)),
+      stacked_linear(ffn + ("experts", "w_down"), expert(down_p), (e, f, d)),
+  ]
+  if moe.get("num_shared_experts", 0):
+    shared = moe.get("shared_expert_hidden_dim", 0) or moe.num_shared_experts * f
+    specs += mlp_specs(ffn + ("shared_experts",), pre + names.shared_expert, d, shared)
+    if moe.get("shared_expert_gate", False):
+      specs.append(linear(ffn + ("shared_expert_gate",), pre + names.shared_expert_gate, (d, 1), 1))
+  return specs
+
+
+def mlp_specs(path: Path, prefix: str, d_model: int, hidden: int) -> list[TensorSpec]:
+  """A SwiGLU MLP: gate_proj, up_proj [F, D] and down_proj [D, F] as w_gate, w_up, w_down."""
+  return [linear(path + ("w_gate",), prefix + "gate_proj.weight", (d_model, hidden), 1),
+          linear(path + ("w_up",), prefix + "up_proj.weight", (d_model, hidden), 1),
+          linear(path + ("w_down",), prefix + "down_proj.weight", (hidden, d_model), 1)]
+
+
+def model_specs(model, moe_layers: Sequence[int], names: HubNames) -> list[TensorSpec]:
+  """Every parameter of `config.model` `model` (embedding, layers, final norm, output)."""
+  specs = [TensorSpec(("embed", "embedding"), ("model.embed_tokens.weight",),
+                      ((model.vocab_size, model.d_model),), lambda w: w[0], lambda a: [a])]
+  for i in range(model.num_layers):
+    specs += layer_specs(model, i, i in moe_layers, names)
+  specs.append(same(("final_norm", "scale"), "model.norm.weight", (model.d_model,)))
+  if not model.tie_embeddings:
+    specs.append(linear(("unembed",), "lm_head.weight", (model.d_model, model.vocab_size), 1))
+  return specs

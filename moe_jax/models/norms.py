@@ -1,0 +1,31 @@
+"""RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w over the last axis."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import sharding
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x [..., D] divided by its root mean square over the last axis, in float32."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.rsqrt(jnp.mean(x32 ** 2, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis [..., D] with a learned scale w [D] (not 1 + w), in float32.
+
+  `axis_name` is the scale's logical axis ("embed" for the residual stream, "kv" for a per-head
+  qk-norm, None for a norm over a whole projection).
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32,
+               axis_name: str | None = "embed"):
+    self.eps = eps
+    init = sharding.logical(nnx.initializers.ones, (axis_name,))
+    self.scale = nnx.Param(init(jax.random.key(0), (dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)).astype(x.dtype)

@@ -1,0 +1,227 @@
+"""Tiny random Hugging Face checkpoints and transformers reference logits for the `moe_jax.hf` tests.
+
+Each family's model is built from a config (no download), with every RMSNorm weight drawn from
+1 + 0.3 N(0, 1) and every bias from 0.1 N(0, 1) so that a norm or bias the importer drops or
+misplaces moves the logits, and saved with `save_pretrained` (safetensors, hub layout). The
+config detail that is easy to get wrong in each family is made large enough to matter, and
+`build_tiny` asserts that it does (OLMoE's `clip_qkv` clamps a real fraction of q, k and v; Llama's
+llama3 RoPE scaling and Qwen3-MoE's large `rms_norm_eps` change the logits).
+
+Reference logits come from transformers itself, loaded back from disk with eager attention, eager
+experts and float32, and the loading info is checked to be clean (transformers fills a missing
+tensor with random weights and only warns).
+"""
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+from safetensors import safe_open
+
+torch.set_num_threads(1)
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "llama", "qwen3"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+
+VOCAB = 97  # awkward on purpose: divides by nothing a mesh axis has
+BATCH = 2
+SEQ = 13
+MAX_POSITIONS = 64
+
+# Common to all families: vocab, positions, and an init wide enough that the logits are O(1).
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=MAX_POSITIONS, initializer_range=0.1,
+               num_attention_heads=4, num_key_value_heads=2)
+
+# transformers config class, config fields (beyond _COMMON).
+_FAMILY_CONFIGS = {
+    "mixtral": ("MixtralConfig", dict(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        hidden_size=48, head_dim=16,  # 48 / 4 heads = 12 != 16
+        intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],
+        rms_norm_eps=1e-2)),  # the family whose eps is varied: ~ mean(x^2) of the embeddings
+    "olmoe": ("OlmoeConfig", dict(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+        clip_qkv=0.8)),  # q and k are RMS-normalised (|q| ~ 1), so 0.8 clamps a real fraction
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,  # not a multiple of moe_intermediate_size
+        num_hidden_layers=3, decoder_sparse_step=1, mlp_only_layers=[1],  # layer 1 is dense
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),  # qkv_bias: default True
+    "llama": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=16))),
+    "qwen3": ("Qwen3Config", dict(
+        hidden_size=32, head_dim=16,  # 32 / 4 heads = 8 != 16
+        intermediate_size=64, num_hidden_layers=2, tie_word_embeddings=True)),
+}
+
+# Per family, config overrides that undo its tricky detail; `build_tiny` asserts that each changes
+# the logits of the built model, so that a parity test passing means the detail is implemented.
+DETAIL_OFF = {
+    "olmoe": dict(clip_qkv=None),
+    "llama": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    "qwen3_moe": dict(rms_norm_eps=1e-6),
+}
+
+
+def family_config(family: str, **overrides) -> transformers.PreTrainedConfig:
+  """The tiny transformers config of `family`, with `overrides` applied to its fields."""
+  class_name, fields = _FAMILY_CONFIGS[family]
+  kwargs = {**_COMMON, **copy.deepcopy(fields), **overrides}
+  return getattr(transformers, class_name)(**kwargs)
+
+
+def make_tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> np.ndarray:
+  """Random token ids [batch, seq] int32 below VOCAB."""
+  return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq)).astype(np.int32)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+  """RMSNorm weights <- 1 + 0.3 N(0,1), biases <- 0.1 N(0,1), in place (seeded by the caller)."""
+  with torch.no_grad():
+    for module in model.modules():
+      if type(module).__name__.endswith("RMSNorm"):
+        module.weight.copy_(1.0 + 0.3 * torch.randn_like(module.weight))
+    for name, param in model.named_parameters():
+      if name.endswith(".bias"):
+        param.copy_(0.1 * torch.randn_like(param))
+
+
+def torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
+  """float32 logits [B, S, V] of a transformers causal LM on `tokens` [B, S], in eval mode."""
+  model.eval()
+  with torch.no_grad():
+    logits = model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).logits
+  return logits.float().numpy()
+
+
+def _eager(config: transformers.PreTrainedConfig) -> transformers.PreTrainedConfig:
+  config._attn_implementation = "eager"
+  config._experts_implementation = "eager"
+  return config
+
+
+def _olmoe_clip_fractions(model: torch.nn.Module, tokens: np.ndarray) -> dict[str, float]:
+  """Fraction of |q|, |k|, |v| entries above clip_qkv just before the clamp, over all layers."""
+  clip = model.config.clip_qkv
+  counts = {"q": [0, 0], "k": [0, 0], "v": [0, 0]}
+
+  def hook(name):
+    def record(_module, _inputs, output):
+      counts[name][0] += int((output.abs() > clip).sum())
+      counts[name][1] += output.numel()
+    return record
+
+  handles = []
+  for layer in model.model.layers:
+    attn = layer.self_attn
+    # Clamped after q_norm / k_norm (whole-projection norms) and straight after v_proj.
+    handles += [attn.q_norm.register_forward_hook(hook("q")),
+                attn.k_norm.register_forward_hook(hook("k")),
+                attn.v_proj.register_forward_hook(hook("v"))]
+  try:
+    torch_logits(model, tokens)
+  finally:
+    for handle in handles:
+      handle.remove()
+  return {name: above / total for name, (above, total) in counts.items()}
+
+
+def _assert_detail_matters(family: str, model: torch.nn.Module, tokens: np.ndarray) -> None:
+  if family == "olmoe":
+    fractions = _olmoe_clip_fractions(model, tokens)
+    assert all(0.05 <= f <= 0.7 for f in fractions.values()), (
+        f"clip_qkv={model.config.clip_qkv} clamps fractions {fractions}; want 5%-70% of each")
+  if family in DETAIL_OFF:
+    cls = type(model)
+    torch.manual_seed(0)
+    other = cls(_eager(family_config(family, **DETAIL_OFF[family])))
+    other.load_state_dict(model.state_dict())
+    diff = np.max(np.abs(torch_logits(other, tokens) - torch_logits(model, tokens)))
+    assert diff > 1e-2, f"{family}: {DETAIL_OFF[family]} moves the logits by only {diff:.2e}"
+
+
+def build_tiny(family: str, directory: str, seed: int = 0) -> str:
+  """Builds `family`'s tiny random model, perturbs norms and biases, saves it to `directory`.
+
+  Returns `directory`, which then holds config.json and model.safetensors as written by
+  `save_pretrained`.
+  """
+  config = _eager(family_config(family))
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  _perturb(model)
+  model.eval()
+  _assert_detail_matters(family, model, make_tokens(seed))
+  model.save_pretrained(directory)
+  return directory
+
+
+def load_reference_model(directory: str) -> torch.nn.Module:
+  """transformers' model of a checkpoint directory: eager attention and experts, float32, eval.
+
+  Asserts that no tensor was missing, unexpected or of the wrong shape.
+  """
+  model, info = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, output_loading_info=True, attn_implementation="eager",
+      experts_implementation="eager", dtype=torch.float32)
+  assert_clean_loading_info(info, directory)
+  model.eval()
+  return model
+
+
+def assert_clean_loading_info(info: dict, directory: str = "") -> None:
+  for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+    assert not info.get(key), f"transformers loading {directory}: {key} = {info[key]}"
+
+
+def reference_logits(directory: str, tokens: np.ndarray) -> np.ndarray:
+  """transformers' float32 logits [B, S, V] of the checkpoint in `directory` on `tokens` [B, S]."""
+  return torch_logits(load_reference_model(directory), tokens)
+
+
+def transformers_config(directory: str) -> transformers.PreTrainedConfig:
+  """The config transformers reads from a checkpoint directory (class defaults filled in)."""
+  return transformers.AutoConfig.from_pretrained(directory)
+
+
+def read_config(directory: str) -> dict:
+  with open(os.path.join(directory, "config.json")) as f:
+    return json.load(f)
+
+
+def write_config(directory: str, config: dict) -> None:
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def checkpoint_files(directory: str) -> list[str]:
+  """The safetensors files of a checkpoint: the index's shards, else model.safetensors."""
+  index = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return sorted({os.path.join(directory, name) for name in weight_map.values()})
+  return [os.path.join(directory, "model.safetensors")]
+
+
+def checkpoint_shapes(directory: str) -> dict[str, tuple[int, ...]]:
+  """{tensor name: shape} over all safetensors files of a checkpoint."""
+  shapes = {}
+  for path in checkpoint_files(directory):
+    with safe_open(path, "np") as f:
+      for name in f.keys():
+        shapes[name] = tuple(f.get_slice(name).get_shape())
+  return shapes
