@@ -106,28 +106,26 @@ def load_params(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dic
   reader = safetensors_io.CheckpointReader(path)
   used = set()
   loaded = jax.tree.map(lambda _: None, abstract_params)
-  try:
-    for spec in model_specs(config):
-      for name, shape in zip(spec.sources, spec.hub_shapes):
-        if reader.shape(name) != shape:  # reader.shape raises for a missing tensor
-          raise CheckpointMismatchError(f"tensor {name!r} has shape {reader.shape(name)}; the "
-                                        f"config expects {shape}.")
-      value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources])).astype(dtype)
-      target = _get(abstract_params, spec.path)
-      assert value.shape == target.shape, (spec.path, value.shape, target.shape)
-      placed = (jax.device_put(value, _get(shardings, spec.path)) if shardings is not None
-                else jnp.asarray(value))
-      _set(loaded, spec.path, placed)
-      used.update(spec.sources)
-      del value
-  finally:
-    reader.close()
-  unexpected = [n for n in reader.names
-                if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+  specs = model_specs(config)
+  for spec in specs:  # every name and shape first: a bad checkpoint fails before any work
+    for name, shape in zip(spec.sources, spec.hub_shapes):
+      if reader.shape(name) != shape:  # reader.shape raises for a missing tensor
+        raise CheckpointMismatchError(f"tensor {name!r} has shape {reader.shape(name)}; the "
+                                      f"config expects {shape}.")
+    used.update(spec.sources)
+  unexpected = [n for n in reader.names if n not in used and not n.endswith(IGNORED_SUFFIXES)]
   if unexpected:
     raise CheckpointMismatchError(
         f"{len(unexpected)} tensor(s) in {path} do not belong to the configured model, e.g. "
         f"{unexpected[:5]}.")
+  for spec in specs:
+    value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources])).astype(dtype)
+    target = _get(abstract_params, spec.path)
+    assert value.shape == target.shape, (spec.path, value.shape, target.shape)
+    sharding_ = _get(shardings, spec.path) if shardings is not None else None
+    _set(loaded, spec.path, jax.device_put(value, sharding_) if sharding_ is not None
+         else jnp.asarray(value))
+    del value
   return loaded
 
 

@@ -5,8 +5,8 @@ A checkpoint directory holds `model.safetensors`, or shards `model-0000i-of-0000
 
 The format (https://github.com/huggingface/safetensors) is an 8-byte little-endian header length,
 a JSON header {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} and
-the raw little-endian data. This module reads it through `np.memmap`, so a tensor is paged in from
-disk only when it is converted, and writes it directly: the `safetensors` package's NumPy API
+the raw little-endian data. This module reads one tensor at a time from its file offset (only when
+it is converted) and writes tensors directly: the `safetensors` package's NumPy API
 raises TypeError on BF16 tensors (safetensors 0.8.0; NumPy has no bfloat16), which are most
 published checkpoints. `ml_dtypes.bfloat16` (a JAX dependency) stands in for it here.
 """
@@ -57,7 +57,6 @@ class CheckpointReader:
       header.pop("__metadata__", None)
       for tensor, entry in header.items():
         self._entries[tensor] = (path, entry, data_start)
-    self._maps: dict[str, np.memmap] = {}
 
   @property
   def names(self) -> list[str]:
@@ -83,16 +82,18 @@ class CheckpointReader:
     return self._entries[name]
 
   def read(self, name: str) -> np.ndarray:
-    """The tensor as a read-only array view of the memory-mapped file (no copy until used)."""
-    path, entry, data_start = self._entry(name)
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
-    begin, end = entry["data_offsets"]
-    raw = self._maps[path][data_start + begin:data_start + end]
-    return raw.view(self.dtype(name)).reshape(self.shape(name))
+    """The tensor, read from its file into a new array.
 
-  def close(self) -> None:
-    self._maps.clear()
+    Read, not memory-mapped: pages of a mapping stay resident (and counted in the process's
+    memory) until it is closed, so mapping every file would hold the whole checkpoint beside the
+    converted parameters.
+    """
+    path, entry, data_start = self._entry(name)
+    begin, end = entry["data_offsets"]
+    dtype = self.dtype(name)
+    count = (end - begin) // dtype.itemsize
+    return np.fromfile(path, dtype=dtype, count=count, offset=data_start + begin).reshape(
+        self.shape(name))
 
 
 def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> None:
