@@ -12,7 +12,7 @@ Variants (big_vision style, `--config=configs/default.py:VARIANT`):
 """
 import ml_collections
 
-from moe_jax.models import rope
+from moe_jax.models import mla, rope
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -32,13 +32,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.param_dtype = "float32"  # Parameter storage dtype.
   model.moe_every = 2  # Every n-th FFN is an MoE layer (layers n-1, 2n-1, ...); 0 = dense model.
   model.remat = False  # Rematerialise each block in the backward pass (saves memory, costs FLOPs).
-  model.activation = "swiglu"  # FFN activation, shared by MLP and experts ("swiglu" | "gelu").
+  # FFN activation, shared by MLP and experts ("swiglu" | "gelu" | "swiglu_clamped").
+  model.activation = "swiglu"
   model.tie_embeddings = True  # Output projection reuses the input embedding.
   model.rope_base = 10_000.0  # RoPE wavelength base.
   # RoPE context-extension scaling (models/rope.py): kind "none" | "llama3" | "yarn" and its fields.
   model.rope_scaling = rope.default_scaling()
   model.rope_interleaved = False  # RoPE pairs (2i, 2i+1) (DeepSeek) instead of (i, i + Dh/2).
   model.norm_eps = 1e-6  # RMSNorm epsilon.
+  model.attention = "mha"  # "mha" (multi-head / grouped-query) | "mla" (DeepSeek's latent attention).
+  model.mla = mla.default_mla()  # attention="mla": q_lora_rank, kv_lora_rank, head dims.
   model.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads (MHA).
   model.qk_norm = "none"  # RMSNorm of queries and keys: "none" | "head" (Qwen3) | "projection" (OLMoE).
   model.attention_bias = False  # Biases on the q, k, v projections (Qwen2).
@@ -46,6 +49,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Clamp q, k, v to [-c, c] after the qk-norm (OLMoE's clip_qkv); None = no clamp.
   model.clip_qkv = ml_collections.config_dict.placeholder(float)
   model.sliding_window = 0  # Keys visible from query q: q - window < k <= q; 0 = all (causal).
+  # Layers with the window, e.g. (0, 2, 4) (GPT-OSS alternates); None = every layer.
+  model.sliding_window_layers = ml_collections.config_dict.placeholder(tuple)
+  model.attention_sinks = False  # A learned per-head sink logit in each softmax (GPT-OSS).
+  # activation="swiglu_clamped" (GPT-OSS): (clip(up) + 1) * g * sigmoid(alpha g), g = min(gate, limit).
+  model.swiglu_alpha = 1.702
+  model.swiglu_limit = 7.0
   # Explicit MoE layer indices, e.g. (1, 2, 3); None = every moe_every-th layer.
   model.moe_layers = ml_collections.config_dict.placeholder(tuple)
   model.scale_tied_logits = True  # Tied logits times 1/sqrt(D) (ours); False for imported models.
@@ -79,6 +88,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.num_shared_experts = 0  # Always-on experts beside the routed ones (DeepSeekMoE).
   moe.shared_expert_hidden_dim = 0  # Hidden size of the shared expert(s) together; 0 = n * expert's.
   moe.shared_expert_gate = False  # Shared output times sigmoid(x w) per token (Qwen2-MoE).
+  moe.router_bias = False  # A learned router logit bias b [E]: logits = x W + b (GPT-OSS).
+  moe.expert_bias = False  # Per-expert biases after each expert projection (GPT-OSS).
   moe.normalize_top_k = True  # Renormalise the K selected probabilities to sum to 1 (Mixtral).
   moe.score_function = "softmax"  # Token-choice scores: "softmax" | "sigmoid" (DeepSeek-V3).
   moe.num_expert_groups = 1  # Group-limited routing: experts in n groups (DeepSeek-V3); 1 = off.
@@ -86,6 +97,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   moe.group_score = "top2_sum"  # Group score: "top2_sum" (DeepSeek-V3) | "max" (DeepSeek-V2).
   moe.routed_scaling_factor = 1.0  # Multiplies the routed experts' weights (DeepSeek-V3).
   moe.bias_update_rate = 0.0  # Auxiliary-loss-free balancing bias step u; 0 = off (Wang 2024).
+  moe.selection_bias = False  # Hold the selection bias even with u = 0 (imported DeepSeek-V3).
   moe.router_jitter = 0.0  # Training-only multiplicative router-input noise eps (Switch).
   moe.router_noise_std = 0.0  # Training-only Gaussian logit noise, noisy top-k (V-MoE: 1/E).
   moe.router_noise = "fixed"  # Noisy top-k std: "fixed" = router_noise_std (V-MoE) | "learned" =

@@ -101,6 +101,8 @@ def tensor_parallel_size(weights, mesh) -> int:
   """
   if mesh is None or TENSOR_AXIS not in mesh.axis_names or mesh.shape[TENSOR_AXIS] == 1:
     return 1
+  if len(weights) != 2:
+    return 1  # expert biases: b_down must be added once, after the sum over `tensor`
   tp = mesh.shape[TENSOR_AXIS]
   # F / tp hidden units per shard; the fused [.., 2F] input weight then splits into even runs.
   return tp if weights[-1].shape[1] % tp == 0 else 1

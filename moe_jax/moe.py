@@ -7,7 +7,7 @@ import ml_collections
 from flax import nnx
 
 from moe_jax import dispatch, expert_parallel, losses, router_state, routing, sharding
-from moe_jax.experts import Experts, apply_activation, batched_ffn, ffn_init
+from moe_jax.experts import Experts, apply_activation, batched_ffn, ffn_init, is_gated
 from moe_jax.routers.soft import SoftRouter, soft_routing_metrics
 from moe_jax.zero_experts import ZeroComputationExperts, renormalize_over_ffn_experts
 
@@ -26,7 +26,7 @@ class MLP(nnx.Module):
     init_out = sharding.logical(ffn_init(), ("mlp", "embed"))
     self.w_up = nnx.Param(init_in(rngs.params(), (d_model, hidden_dim), param_dtype))
     self.w_gate = (nnx.Param(init_in(rngs.params(), (d_model, hidden_dim), param_dtype))
-                   if activation == "swiglu" else None)
+                   if is_gated(activation) else None)
     self.w_down = nnx.Param(init_out(rngs.params(), (hidden_dim, d_model), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,11 +86,13 @@ class MoELayer(nnx.Module):
     else:
       self.router = routing.Router(
           d_model, num_outputs, rngs=rngs, param_dtype=param_dtype,
-          learned_noise=config.get("router_noise", "fixed") == "learned")
+          learned_noise=config.get("router_noise", "fixed") == "learned",
+          bias=config.get("router_bias", False))
     self.experts = Experts(config.num_experts, d_model, config.expert_hidden_dim,
                            activation=activation, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                            gmm_backend=config.get("gmm_backend", "auto"),
-                           gmm_tiling=_gmm_tiling(config))
+                           gmm_tiling=_gmm_tiling(config),
+                           bias=config.get("expert_bias", False))
     num_shared = config.get("num_shared_experts", 0) or 0
     shared_hidden = (config.get("shared_expert_hidden_dim", 0)
                      or num_shared * config.expert_hidden_dim)
@@ -107,7 +109,8 @@ class MoELayer(nnx.Module):
                          if routing.num_extra_experts(config) else None)
     self.bias_update_rate = config.get("bias_update_rate", 0.0) or 0.0
     self.selection_bias = (router_state.RouterState(jnp.zeros((num_outputs,), jnp.float32))
-                           if self.bias_update_rate > 0 else None)
+                           if self.bias_update_rate > 0 or config.get("selection_bias", False)
+                           else None)
     self.l1_coefficient = (router_state.RouterState(
         jnp.asarray(config.get("relu_l1_initial", 1e-8), jnp.float32))
                            if config.router == "relu" else None)

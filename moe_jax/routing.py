@@ -46,15 +46,19 @@ class Router(nnx.Module):
   """
 
   def __init__(self, d_model: int, num_experts: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-               learned_noise: bool = False):
+               learned_noise: bool = False, bias: bool = False):
     init = sharding.logical(nnx.initializers.normal(stddev=d_model ** -0.5), ("embed", None))
     self.kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), param_dtype))
     self.noise_kernel = (nnx.Param(sharding.logical(nnx.initializers.zeros, ("embed", None))(
         rngs.params(), (d_model, num_experts), param_dtype)) if learned_noise else None)
+    # A learned logit bias b [E] (GPT-OSS): logits x W + b.
+    self.bias = (nnx.Param(sharding.logical(nnx.initializers.zeros, (None,))(
+        rngs.params(), (num_experts,), param_dtype)) if bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # float32 logits: a bf16 router picks different experts on near-ties (DESIGN.md pitfalls).
-    return jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+    logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+    return logits if self.bias is None else logits + self.bias[...].astype(jnp.float32)
 
   def noise_std(self, x: jax.Array) -> jax.Array | None:
     """Softplus(x W_noise) [T, E] float32, the learned noise std (None without W_noise)."""

@@ -1,7 +1,8 @@
 """Tiny random Hugging Face checkpoints and transformers reference logits for the `moe_jax.hf` tests.
 
 Each family's model is built from a config (no download), with every RMSNorm weight drawn from
-1 + 0.3 N(0, 1) and every bias from 0.1 N(0, 1) so that a norm or bias the importer drops or
+1 + 0.3 N(0, 1), every bias (DeepSeek-V3's e_score_correction_bias included) from 0.1 N(0, 1) and
+GPT-OSS's sinks from N(0, 1) so that a norm or bias the importer drops or
 misplaces moves the logits, and saved with `save_pretrained` (safetensors, hub layout). The
 config detail that is easy to get wrong in each family is made large enough to matter, and
 `build_tiny` asserts that it does (OLMoE's `clip_qkv` clamps a real fraction of q, k and v; Llama's
@@ -24,8 +25,9 @@ torch.set_num_threads(1)
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "llama", "qwen3"]
-MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama",
+            "qwen3"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"]
 
 VOCAB = 97  # awkward on purpose: divides by nothing a mesh axis has
 BATCH = 2
@@ -56,6 +58,23 @@ _FAMILY_CONFIGS = {
         shared_expert_intermediate_size=48,  # not a multiple of moe_intermediate_size
         num_hidden_layers=3, decoder_sparse_step=1, mlp_only_layers=[1],  # layer 1 is dense
         num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)),  # qkv_bias: default True
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        num_key_value_heads=4, rope_interleave=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                             original_max_position_embeddings=16))),
+    "gpt_oss": ("GptOssConfig", dict(
+        hidden_size=32, head_dim=16, intermediate_size=32, num_hidden_layers=2,
+        num_local_experts=8, num_experts_per_tok=2,
+        sliding_window=4,  # layer 0 sliding (default alternation), layer 1 full; 13 tokens
+        swiglu_limit=0.3,  # small enough that the clamps bite at this init
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=16))),
     "llama": ("LlamaConfig", dict(
         hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -73,6 +92,11 @@ DETAIL_OFF = {
     "olmoe": dict(clip_qkv=None),
     "llama": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
     "qwen3_moe": dict(rms_norm_eps=1e-6),
+    "deepseek_v3": [dict(topk_group=4), dict(routed_scaling_factor=1.0),
+                    dict(rope_interleave=False),
+                    dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
+    "gpt_oss": [dict(swiglu_limit=1e6), dict(sliding_window=64),
+                dict(rope_parameters=dict(rope_type="default", rope_theta=150000.0))],
 }
 
 
@@ -95,8 +119,13 @@ def _perturb(model: torch.nn.Module) -> None:
       if type(module).__name__.endswith("RMSNorm"):
         module.weight.copy_(1.0 + 0.3 * torch.randn_like(module.weight))
     for name, param in model.named_parameters():
-      if name.endswith(".bias"):
+      if name.endswith(".bias") or name.endswith("_bias"):
         param.copy_(0.1 * torch.randn_like(param))
+      elif name.endswith(".sinks"):  # GPT-OSS attention sinks, O(1) like the attention logits
+        param.copy_(torch.randn_like(param))
+    for name, buffer in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: steers the selection
+        buffer.copy_(0.1 * torch.randn_like(buffer))
 
 
 def torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
@@ -144,13 +173,14 @@ def _assert_detail_matters(family: str, model: torch.nn.Module, tokens: np.ndarr
     fractions = _olmoe_clip_fractions(model, tokens)
     assert all(0.05 <= f <= 0.7 for f in fractions.values()), (
         f"clip_qkv={model.config.clip_qkv} clamps fractions {fractions}; want 5%-70% of each")
-  if family in DETAIL_OFF:
+  details = DETAIL_OFF.get(family, [])
+  for off in details if isinstance(details, list) else [details]:
     cls = type(model)
     torch.manual_seed(0)
-    other = cls(_eager(family_config(family, **DETAIL_OFF[family])))
+    other = cls(_eager(family_config(family, **off)))
     other.load_state_dict(model.state_dict())
     diff = np.max(np.abs(torch_logits(other, tokens) - torch_logits(model, tokens)))
-    assert diff > 1e-2, f"{family}: {DETAIL_OFF[family]} moves the logits by only {diff:.2e}"
+    assert diff > 1e-2, f"{family}: {off} moves the logits by only {diff:.2e}"
 
 
 def build_tiny(family: str, directory: str, seed: int = 0) -> str:

@@ -20,13 +20,15 @@ from absl import logging
 from flax import nnx
 
 from moe_jax import sharding
-from moe_jax.hf import common, llama, mixtral, olmoe, qwen_moe, safetensors_io, tensors
+from moe_jax.router_state import RouterState
+from moe_jax.hf import (common, deepseek_v3, gpt_oss, llama, mixtral, olmoe, qwen_moe,
+                        safetensors_io, tensors)
 from moe_jax.hf.errors import CheckpointMismatchError, UnsupportedConfigError
-from moe_jax.models.transformer import Transformer, moe_layer_indices
+from moe_jax.models.transformer import Transformer, moe_layer_indices, sliding_window_of
 
 FAMILIES: dict[str, common.Family] = {
     f.model_type: f for f in (mixtral.FAMILY, qwen_moe.QWEN3_MOE, olmoe.FAMILY, qwen_moe.QWEN2_MOE,
-                              llama.LLAMA, llama.QWEN3)}
+                              deepseek_v3.FAMILY, gpt_oss.FAMILY, llama.LLAMA, llama.QWEN3)}
 DTYPES = ("float32", "bfloat16", "float16")
 # Hub tensors transformers itself ignores on load.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -92,52 +94,57 @@ def model_specs(config) -> list[tensors.TensorSpec]:
   return tensors.model_specs(config.model, moe_layer_indices(config.model), family.names)
 
 
-def load_params(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dict:
-  """The parameters of `config`'s model from the checkpoint in `path` (pure dict, placed).
+def load_state(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """{"params", "router_state"} of `config`'s model from the checkpoint in `path` (pure dicts,
+  placed on `mesh`: parameters by the logical rules, router state replicated).
+
+  Every tensor name and shape is checked before anything is converted.
 
   Raises:
     CheckpointMismatchError: a tensor is missing, unexpected, or of the wrong shape.
   """
   _, abstract = _abstract_model(config)
-  abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  shardings = (sharding.state_shardings(mesh, nnx.state(abstract, nnx.Param))
-               if mesh is not None else None)
+  abstract = {"params": nnx.state(abstract, nnx.Param),
+              "router_state": nnx.state(abstract, RouterState)}
+  targets = {name: nnx.to_pure_dict(state) for name, state in abstract.items()}
+  shardings = None
+  if mesh is not None:
+    shardings = {"params": sharding.state_shardings(mesh, abstract["params"]),
+                 "router_state": jax.tree.map(lambda _: sharding.replicated(mesh),
+                                              targets["router_state"])}
   dtype = jnp.dtype(config.model.param_dtype)
   reader = safetensors_io.CheckpointReader(path)
-  used = set()
-  loaded = jax.tree.map(lambda _: None, abstract_params)
   specs = model_specs(config)
-  for spec in specs:  # every name and shape first: a bad checkpoint fails before any work
+  used = set()
+  for spec in specs:
     for name, shape in zip(spec.sources, spec.hub_shapes):
       if reader.shape(name) != shape:  # reader.shape raises for a missing tensor
         raise CheckpointMismatchError(f"tensor {name!r} has shape {reader.shape(name)}; the "
                                       f"config expects {shape}.")
     used.update(spec.sources)
-  unexpected = [n for n in reader.names if n not in used and not n.endswith(IGNORED_SUFFIXES)]
+  family = family_of(config.hf.model_type)
+  unexpected = [n for n in reader.names if n not in used and not n.endswith(IGNORED_SUFFIXES)
+                and not family.ignored(n, config.model.num_layers)]
   if unexpected:
     raise CheckpointMismatchError(
         f"{len(unexpected)} tensor(s) in {path} do not belong to the configured model, e.g. "
         f"{unexpected[:5]}.")
+  loaded = jax.tree.map(lambda _: None, targets)
   for spec in specs:
-    value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources])).astype(dtype)
-    target = _get(abstract_params, spec.path)
+    target = _get(targets[spec.collection], spec.path)
+    value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources]))
+    value = value.astype(dtype if spec.collection == "params" else target.dtype)
     assert value.shape == target.shape, (spec.path, value.shape, target.shape)
-    sharding_ = _get(shardings, spec.path) if shardings is not None else None
-    _set(loaded, spec.path, jax.device_put(value, sharding_) if sharding_ is not None
-         else jnp.asarray(value))
+    where = None if shardings is None else _get(shardings[spec.collection], spec.path)
+    _set(loaded[spec.collection], spec.path,
+         jax.device_put(value, where) if where is not None else jnp.asarray(value))
     del value
   return loaded
 
 
-def _other_state(config, mesh):
-  """Non-parameter variables (router state) at their initial values (empty for these families)."""
-  create, abstract = _abstract_model(config)
-  _, _, rest = nnx.split(abstract, nnx.Param, ...)
-  if not jax.tree.leaves(rest):
-    return rest
-  init = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2],
-                 out_shardings=None if mesh is None else sharding.replicated(mesh))
-  return init()
+def load_params(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dict:
+  """The parameters alone (pure dict) of `load_state`."""
+  return load_state(path, config, mesh)["params"]
 
 
 def from_pretrained(path: str, *, dtype: str | None = None,
@@ -155,11 +162,16 @@ def from_pretrained(path: str, *, dtype: str | None = None,
     CheckpointMismatchError: a missing, unexpected or wrongly shaped tensor (named).
   """
   config = config_from_hub(read_hub_config(path), dtype=dtype)
-  params = load_params(path, config, mesh)
+  loaded = load_state(path, config, mesh)
+  params = loaded["params"]
   _, abstract = _abstract_model(config)
-  graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
+  graphdef, param_state, router_state, rest = nnx.split(abstract, nnx.Param, RouterState, ...)
   nnx.replace_by_pure_dict(param_state, params)
-  model = nnx.merge(graphdef, param_state, _other_state(config, mesh))
+  nnx.replace_by_pure_dict(router_state, loaded["router_state"])
+  if jax.tree.leaves(rest):
+    raise NotImplementedError(f"{config.hf.model_type}: the model holds variables that are "
+                              "neither parameters nor router state.")
+  model = nnx.merge(graphdef, param_state, router_state, rest)
   logging.info("Loaded %s (%s) from %s: %d parameters.", config.hf.model_type,
                config.model.param_dtype, path,
                sum(x.size for x in jax.tree.leaves(params)))
@@ -193,14 +205,22 @@ def check_representable(config, hub: dict) -> None:
   again = config_from_hub(hub, dtype=config.model.param_dtype).model
   ours, problems = config.model, []
   for name in common.MATH_FIELDS:
-    if _norm(ours.get(name)) != _norm(again.get(name)):
+    if _effective(ours, name) != _effective(again, name):
       problems.append(f"model.{name}={ours.get(name)!r} (the export would give "
                       f"{again.get(name)!r})")
+  has_bias = lambda m: bool(m.moe.get("selection_bias") or m.moe.get("bias_update_rate", 0) > 0)
+  if moe_layer_indices(ours) and has_bias(ours) != has_bias(again):
+    problems.append(f"a loss-free selection bias: {has_bias(ours)} (the export would give "
+                    f"{has_bias(again)})")
   if moe_layer_indices(ours):
     for name in common.MOE_MATH_FIELDS:
       if _norm(ours.moe.get(name)) != _norm(again.moe.get(name)):
         problems.append(f"model.moe.{name}={ours.moe.get(name)!r} (the export would give "
                         f"{again.moe.get(name)!r})")
+  windows = lambda m: [sliding_window_of(m, i) for i in range(m.num_layers)]
+  if windows(ours) != windows(again):
+    problems.append(f"per-layer sliding windows {windows(ours)} (the export would give "
+                    f"{windows(again)})")
   if moe_layer_indices(ours) != moe_layer_indices(again):
     problems.append(f"MoE layers {moe_layer_indices(ours)} (the export would give "
                     f"{moe_layer_indices(again)})")
@@ -212,6 +232,24 @@ def check_representable(config, hub: dict) -> None:
   if ours.moe.get("capacity_factor") is not None and moe_layer_indices(ours):
     logging.warning("model.moe.capacity_factor=%s: the exported model routes dropless, like "
                     "every Hugging Face MoE at inference.", ours.moe.capacity_factor)
+
+
+def _effective(model, name: str):
+  """A config.model field's value as it acts on the model (None where it has no effect)."""
+  value = model.get(name)
+  if name == "num_kv_heads":
+    return value or model.num_heads
+  if name == "scale_tied_logits" and not model.tie_embeddings:
+    return None
+  if name == "mlp_dim" and len(moe_layer_indices(model)) == model.num_layers:
+    return None  # no dense layer uses it
+  if name == "mla" and model.get("attention", "mha") != "mla":
+    return None
+  if name in ("swiglu_alpha", "swiglu_limit") and model.get("activation") != "swiglu_clamped":
+    return None
+  if name == "head_dim" and model.get("attention", "mha") == "mla":
+    return None  # MLA's head sizes are model.mla's
+  return _norm(value)
 
 
 def _norm(value):
@@ -236,11 +274,12 @@ def save_pretrained(model: Transformer, config, out_dir: str, *, model_type: str
   export_config = ml_collections.ConfigDict(config)
   export_config.hf = ml_collections.ConfigDict({"model_type": hub["model_type"],
                                                 "config_json": json.dumps(hub)})
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+           "router_state": nnx.to_pure_dict(nnx.state(model, RouterState))}
 
   def stream():
     for spec in model_specs(export_config):
-      value = np.asarray(jax.device_get(_get(params, spec.path)))
+      value = np.asarray(jax.device_get(_get(state[spec.collection], spec.path)))
       for name, tensor in zip(spec.sources, spec.to_hub(value)):
         yield name, np.ascontiguousarray(tensor)
 

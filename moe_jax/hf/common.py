@@ -22,12 +22,14 @@ from moe_jax.models import rope
 MATH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "mlp_dim", "activation", "tie_embeddings", "scale_tied_logits", "rope_base",
                "rope_interleaved", "norm_eps", "qk_norm", "attention_bias", "attention_out_bias",
-               "clip_qkv", "sliding_window", "causal")
+               "clip_qkv", "causal", "attention_sinks", "swiglu_alpha", "swiglu_limit",
+               "attention", "mla")
 MOE_MATH_FIELDS = ("router", "num_experts", "top_k", "expert_hidden_dim", "num_shared_experts",
                    "shared_expert_hidden_dim", "shared_expert_gate", "normalize_top_k",
                    "score_function", "num_expert_groups", "top_k_groups", "group_score",
-                   "routed_scaling_factor", "bias_update_rate", "num_zero_experts",
-                   "num_copy_experts", "num_constant_experts", "num_null_experts")
+                   "routed_scaling_factor", "num_zero_experts",
+                   "num_copy_experts", "num_constant_experts", "num_null_experts",
+                   "router_bias", "expert_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,15 @@ class Family:
   read: Callable[[dict, Any], None]  # (hub config, our config.model to fill) -> None
   write: Callable[[Any, dict], None]  # (our config.model, hub config to fill) -> None
   rope_theta: float  # transformers' default when config.json omits it
+  layer_types: tuple[str, ...] = ("full_attention",)  # `layer_types` entries it implements
+  # Hub tensors of layers >= num_hidden_layers that transformers ignores (DeepSeek-V3's MTP).
+  ignores_extra_layers: bool = False
+
+  def ignored(self, name: str, num_layers: int) -> bool:
+    """Whether transformers ignores hub tensor `name` on load (so do we)."""
+    if not self.ignores_extra_layers or not name.startswith("model.layers."):
+      return False
+    return int(name.split(".")[2]) >= num_layers
 
 
 def default_experiment_config() -> ml_collections.ConfigDict:
@@ -115,8 +126,10 @@ def write_rope(model, hub: dict) -> None:
                   original_max_position_embeddings=scaling.original_max_len)
   elif scaling.kind == "yarn":
     params.update(rope_type="yarn", factor=scaling.factor, beta_fast=scaling.beta_fast,
-                  beta_slow=scaling.beta_slow, truncate=scaling.truncate,
+                  beta_slow=scaling.beta_slow,
                   original_max_position_embeddings=scaling.original_max_len)
+    if not scaling.truncate:  # transformers' default is True
+      params["truncate"] = False
     for key in ("mscale", "mscale_all_dim", "attention_factor"):
       if scaling[key]:
         params[key] = scaling[key]
@@ -127,10 +140,8 @@ def read_common(hub: dict, model, family: Family) -> None:
   """The fields every supported family shares: sizes, GQA, RoPE, norms, embeddings."""
   require(hub, "hidden_act", "'silu' (SwiGLU)", lambda v: v == "silu", "silu")
   require(hub, "mlp_bias", "False", lambda v: not v, False)
-  layer_types = hub.get("layer_types") or []
-  require(hub, "layer_types", "full attention in every layer",
-          lambda v: all(t == "full_attention" for t in (v or [])))
-  del layer_types
+  require(hub, "layer_types", f"layers of types {family.layer_types}",
+          lambda v: all(t in family.layer_types for t in (v or [])))
   heads = hub["num_attention_heads"]
   model.vocab_size = hub["vocab_size"]
   model.d_model = hub["hidden_size"]

@@ -24,6 +24,7 @@ class TensorSpec:
   hub_shapes: tuple[tuple[int, ...], ...]  # their expected shapes
   to_ours: Callable[[list[np.ndarray]], np.ndarray]
   to_hub: Callable[[np.ndarray], list[np.ndarray]]
+  collection: str = "params"  # or "router_state" (DeepSeek-V3's e_score_correction_bias)
 
 
 def linear(path: Path, name: str, shape: Sequence[int], num_in: int) -> TensorSpec:
@@ -40,6 +41,11 @@ def same(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
   shape = tuple(shape)
   return TensorSpec(path, (name,), ((math.prod(shape),),), lambda w: w[0].reshape(shape),
                     lambda a: [a.reshape(-1)])
+
+
+def identity(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
+  """A hub tensor of exactly our shape and layout."""
+  return TensorSpec(path, (name,), (tuple(shape),), lambda w: w[0], lambda a: [a])
 
 
 def stacked_linear(path: Path, names: Sequence[str], shape: Sequence[int]) -> TensorSpec:
@@ -82,6 +88,11 @@ class HubNames:
   expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
   shared_expert: str = "mlp.shared_expert."
   shared_expert_gate: str = "mlp.shared_expert_gate.weight"
+  selection_bias: str = "mlp.gate.e_score_correction_bias"
+  router_bias: str = "mlp.gate.bias"
+  # Fused experts (GPT-OSS): one [E, D, 2F] gate_up tensor (gate/up interleaved, our layout), one
+  # [E, F, D] down tensor, and their biases, under this prefix; "" = per-expert tensors.
+  fused_experts: str = ""
 
 
 def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[TensorSpec]:
@@ -91,9 +102,12 @@ def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[Tensor
   pre = names.layer.format(i=layer)
   at = pre + names.attention
   block = ("blocks", layer)
-  specs = [
-      same(block + ("attn_norm", "scale"), pre + names.attn_norm, (d,)),
-      same(block + ("ffn_norm", "scale"), pre + names.ffn_norm, (d,)),
+  specs = [same(block + ("attn_norm", "scale"), pre + names.attn_norm, (d,)),
+           same(block + ("ffn_norm", "scale"), pre + names.ffn_norm, (d,))]
+  if model.get("attention", "mha") == "mla":
+    specs += mla_specs(model, block + ("attn",), at)
+    return specs + ffn_specs(model, block, pre, is_moe, names)
+  specs += [
       linear(block + ("attn", "w_q"), at + "q_proj.weight", (d, h, dh), 1),
       linear(block + ("attn", "w_k"), at + "k_proj.weight", (d, kv, dh), 1),
       linear(block + ("attn", "w_v"), at + "v_proj.weight", (d, kv, dh), 1),
@@ -105,11 +119,47 @@ def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[Tensor
               same(block + ("attn", "b_v"), at + "v_proj.bias", (kv, dh))]
   if model.get("attention_out_bias", False):
     specs.append(same(block + ("attn", "b_o"), at + "o_proj.bias", (d,)))
+  if model.get("attention_sinks", False):
+    specs.append(same(block + ("attn", "sinks"), at + "sinks", (h,)))
   qk_norm = model.get("qk_norm", "none")
   if qk_norm != "none":
     q_dim, k_dim = (dh, dh) if qk_norm == "head" else (h * dh, kv * dh)
     specs += [same(block + ("attn", "q_norm", "scale"), at + "q_norm.weight", (q_dim,)),
               same(block + ("attn", "k_norm", "scale"), at + "k_norm.weight", (k_dim,))]
+  return specs + ffn_specs(model, block, pre, is_moe, names)
+
+
+def mla_specs(model, path: Path, prefix: str) -> list[TensorSpec]:
+  """DeepSeek's MLA projections (`models/mla.py`) under hub prefix `...self_attn.`."""
+  d, h, mla = model.d_model, model.num_heads, model.mla
+  qk, r, dr = mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.kv_lora_rank, mla.qk_rope_head_dim
+  bias = model.get("attention_bias", False)
+  specs = []
+  if mla.q_lora_rank:
+    rq = mla.q_lora_rank
+    specs += [linear(path + ("w_q_a",), prefix + "q_a_proj.weight", (d, rq), 1),
+              same(path + ("q_a_norm", "scale"), prefix + "q_a_layernorm.weight", (rq,)),
+              linear(path + ("w_q_b",), prefix + "q_b_proj.weight", (rq, h, qk), 1)]
+    if bias:
+      specs.append(same(path + ("b_q_a",), prefix + "q_a_proj.bias", (rq,)))
+  else:
+    specs.append(linear(path + ("w_q",), prefix + "q_proj.weight", (d, h, qk), 1))
+  specs += [
+      linear(path + ("w_kv_a",), prefix + "kv_a_proj_with_mqa.weight", (d, r + dr), 1),
+      same(path + ("kv_a_norm", "scale"), prefix + "kv_a_layernorm.weight", (r,)),
+      linear(path + ("w_kv_b",), prefix + "kv_b_proj.weight",
+             (r, h, mla.qk_nope_head_dim + mla.v_head_dim), 1),
+      linear(path + ("w_o",), prefix + "o_proj.weight", (h, mla.v_head_dim, d), 2)]
+  if bias:
+    specs += [same(path + ("b_kv_a",), prefix + "kv_a_proj_with_mqa.bias", (r + dr,)),
+              same(path + ("b_o",), prefix + "o_proj.bias", (d,))]
+  return specs
+
+
+def ffn_specs(model, block: Path, pre: str, is_moe: bool, names: HubNames) -> list[TensorSpec]:
+  """A layer's FFN: the dense MLP, or the router, experts and shared experts of an MoE layer."""
+  d = model.d_model
+  specs = []
   ffn = block + ("ffn",)
   if not is_moe:
     return specs + mlp_specs(ffn, pre + names.mlp, d, model.mlp_dim)
@@ -117,11 +167,23 @@ def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[Tensor
   e, f = moe.num_experts, moe.expert_hidden_dim
   gate_p, up_p, down_p = names.expert_projections
   expert = lambda proj: [pre + names.expert.format(e=j) + proj + ".weight" for j in range(e)]
-  specs += [
-      linear(ffn + ("router", "kernel"), pre + names.router, (d, e), 1),
-      stacked_gate_up(ffn + ("experts", "w_gate_up"), expert(gate_p), expert(up_p), (e, d, 2 * f)),
-      stacked_linear(ffn + ("experts", "w_down"), expert(down_p), (e, f, d)),
-  ]
+  specs.append(linear(ffn + ("router", "kernel"), pre + names.router, (d, e), 1))
+  if moe.get("router_bias", False):
+    specs.append(same(ffn + ("router", "bias"), pre + names.router_bias, (e,)))
+  if moe.get("selection_bias", False):
+    bias = same(ffn + ("selection_bias",), pre + names.selection_bias, (e,))
+    specs.append(dataclasses.replace(bias, collection="router_state"))
+  if names.fused_experts:
+    fused = pre + names.fused_experts
+    specs += [identity(ffn + ("experts", "w_gate_up"), fused + "gate_up_proj", (e, d, 2 * f)),
+              identity(ffn + ("experts", "w_down"), fused + "down_proj", (e, f, d))]
+    if moe.get("expert_bias", False):
+      specs += [identity(ffn + ("experts", "b_in"), fused + "gate_up_proj_bias", (e, 2 * f)),
+                identity(ffn + ("experts", "b_down"), fused + "down_proj_bias", (e, d))]
+  else:
+    specs += [stacked_gate_up(ffn + ("experts", "w_gate_up"), expert(gate_p), expert(up_p),
+                              (e, d, 2 * f)),
+              stacked_linear(ffn + ("experts", "w_down"), expert(down_p), (e, f, d))]
   if moe.get("num_shared_experts", 0):
     shared = moe.get("shared_expert_hidden_dim", 0) or moe.num_shared_experts * f
     specs += mlp_specs(ffn + ("shared_experts",), pre + names.shared_expert, d, shared)
@@ -139,8 +201,8 @@ def mlp_specs(path: Path, prefix: str, d_model: int, hidden: int) -> list[Tensor
 
 def model_specs(model, moe_layers: Sequence[int], names: HubNames) -> list[TensorSpec]:
   """Every parameter of `config.model` `model` (embedding, layers, final norm, output)."""
-  specs = [TensorSpec(("embed", "embedding"), ("model.embed_tokens.weight",),
-                      ((model.vocab_size, model.d_model),), lambda w: w[0], lambda a: [a])]
+  specs = [identity(("embed", "embedding"), "model.embed_tokens.weight",
+                    (model.vocab_size, model.d_model))]
   for i in range(model.num_layers):
     specs += layer_specs(model, i, i in moe_layers, names)
   specs.append(same(("final_norm", "scale"), "model.norm.weight", (model.d_model,)))

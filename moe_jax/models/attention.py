@@ -9,6 +9,8 @@ One module covers the attention of the decoder families this project trains or i
     (OLMoE);
   * causal or bidirectional, optionally a sliding window (key k visible from query q iff
     q - window < k <= q, Mistral 2023);
+  * attention sinks (GPT-OSS 2025; Xiao et al. 2024): a learned per-head logit joins each query's
+    softmax as an extra key column and is dropped after it;
   * RoPE variants from `models/rope.py`.
 Scores and softmax are float32 whatever the activation dtype; projections accumulate in float32.
 """
@@ -32,17 +34,17 @@ LayerCache = dict[str, jax.Array]
 class Attention(nnx.Module):
   """Self-attention [B, S, D] -> [B, S, D]; causal unless `causal=False`.
 
-  Parameters: w_q [D, H, Dh], w_k and w_v [D, H_kv, Dh], w_o [H, Dh, D]; with `qkv_bias` b_q [H, Dh],
-  b_k and b_v [H_kv, Dh]; with `out_bias` b_o [D]; with qk-norm q_norm and k_norm (RMSNorm scales
-  [Dh], or [H Dh] and [H_kv Dh] for "projection").
+  Parameters: w_q [D, H, Dh], w_k and w_v [D, H_kv, Dh], w_o [H, Dh, D]; with `qkv_bias` b_q
+  [H, Dh], b_k and b_v [H_kv, Dh]; with `out_bias` b_o [D]; with `sinks` sinks [H]; with qk-norm
+  q_norm and k_norm (RMSNorm scales [Dh], or [H Dh] and [H_kv Dh] for "projection").
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                num_kv_heads: int = 0, rope_base: float = 10_000.0, rope_scaling=None,
                rope_interleaved: bool = False, qk_norm: str = "none", norm_eps: float = 1e-6,
                qkv_bias: bool = False, out_bias: bool = False, clip_qkv: float | None = None,
-               sliding_window: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-               causal: bool = True):
+               sliding_window: int = 0, sinks: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32, causal: bool = True):
     num_kv_heads = num_kv_heads or num_heads
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}.")
@@ -78,6 +80,9 @@ class Attention(nnx.Module):
     self.b_k = zeros((num_kv_heads, head_dim), ("heads", "kv")) if qkv_bias else None
     self.b_v = zeros((num_kv_heads, head_dim), ("heads", "kv")) if qkv_bias else None
     self.b_o = zeros((d_model,), ("embed",)) if out_bias else None
+    # Attention sinks (GPT-OSS): a learned logit per head, a key that every query sees and that
+    # contributes no value, so a head can attend to "nothing".
+    self.sinks = zeros((num_heads,), ("heads",)) if sinks else None
     if qk_norm == "head":
       self.q_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype, axis_name="kv")
       self.k_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype, axis_name="kv")
@@ -137,7 +142,13 @@ class Attention(nnx.Module):
     scores = jnp.einsum("bqgrk,bsgk->bgrqs", groups, k, preferred_element_type=jnp.float32)
     scores = scores * (self.head_dim ** -0.5)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    if self.sinks is None:
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    else:
+      sink = self.sinks[...].astype(jnp.float32).reshape(1, self.num_kv_heads, -1, 1, 1)
+      sink = jnp.broadcast_to(sink, scores.shape[:-1] + (1,))
+      probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)
+      probs = probs[..., :-1].astype(self.dtype)
     out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v).reshape(batch, queries, self.num_heads,
                                                              self.head_dim)
     y = jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype),

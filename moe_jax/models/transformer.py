@@ -21,7 +21,9 @@ from flax import nnx
 
 from moe_jax import dispatch, routing, sharding
 
+from moe_jax.experts import activation_of
 from moe_jax.models.attention import Attention, LayerCache
+from moe_jax.models.mla import MultiHeadLatentAttention
 from moe_jax.models.norms import RMSNorm
 from moe_jax.moe import MLP, MoELayer
 
@@ -39,8 +41,24 @@ def moe_layer_indices(config) -> tuple[int, ...]:
   return tuple(i for i in range(config.num_layers) if is_moe_layer(i, config.moe_every))
 
 
-def build_attention(config, *, rngs: nnx.Rngs) -> Attention:
-  """The `Attention` of a block from `config.model` (missing fields take today's defaults)."""
+def sliding_window_of(config, layer: int) -> int:
+  """Layer `layer`'s attention window: `sliding_window` in the `sliding_window_layers` (all layers
+  when None; GPT-OSS alternates), else 0 (no window)."""
+  window = config.get("sliding_window", 0) or 0
+  layers = config.get("sliding_window_layers")
+  return window if layers is None or layer in tuple(layers) else 0
+
+
+def build_attention(config, layer: int, *, rngs: nnx.Rngs) -> Attention | MultiHeadLatentAttention:
+  """The attention of block `layer` from `config.model`: `Attention` (MHA/GQA), or MLA when
+  `attention="mla"` (missing fields take the defaults)."""
+  if config.get("attention", "mha") == "mla":
+    return MultiHeadLatentAttention(
+        config.d_model, config.num_heads, config.mla, rngs=rngs, rope_base=config.rope_base,
+        rope_scaling=config.get("rope_scaling"),
+        rope_interleaved=config.get("rope_interleaved", False),
+        bias=config.get("attention_bias", False), dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype))
   return Attention(
       config.d_model, config.num_heads, config.head_dim, rngs=rngs,
       num_kv_heads=config.get("num_kv_heads", 0) or 0, rope_base=config.rope_base,
@@ -49,7 +67,8 @@ def build_attention(config, *, rngs: nnx.Rngs) -> Attention:
       qk_norm=config.get("qk_norm", "none"), norm_eps=config.norm_eps,
       qkv_bias=config.get("attention_bias", False),
       out_bias=config.get("attention_out_bias", False), clip_qkv=config.get("clip_qkv"),
-      sliding_window=config.get("sliding_window", 0) or 0, dtype=jnp.dtype(config.dtype),
+      sliding_window=sliding_window_of(config, layer), sinks=config.get("attention_sinks", False),
+      dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype), causal=config.get("causal", True))
 
 
@@ -81,15 +100,15 @@ class Block(nnx.Module):
   def __init__(self, config, layer: int, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
-    self.attn = build_attention(config, rngs=rngs)
+    self.attn = build_attention(config, layer, rngs=rngs)
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.is_moe = layer in moe_layer_indices(config)
     if self.is_moe:
-      self.ffn = MoELayer(config.moe, config.d_model, rngs=rngs, activation=config.activation,
-                          dtype=dtype, param_dtype=param_dtype)
+      self.ffn = MoELayer(config.moe, config.d_model, rngs=rngs,
+                          activation=activation_of(config), dtype=dtype, param_dtype=param_dtype)
     else:
-      self.ffn = MLP(config.d_model, config.mlp_dim, rngs=rngs, activation=config.activation,
-                     dtype=dtype, param_dtype=param_dtype)
+      self.ffn = MLP(config.d_model, config.mlp_dim, rngs=rngs,
+                     activation=activation_of(config), dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x, positions, mask, rng=None, *, train: bool = False, global_load=None):
     x = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
