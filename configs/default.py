@@ -143,6 +143,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data = data = ml_collections.ConfigDict()
   data.task = "stdlib_bytes"  # seqio task ("stdlib_bytes" | "text_files" | "synthetic").
   data.path = ""  # Glob of text files for task "text_files".
+  # "text_files": a tokenizer.json (or a directory holding one) to pack text with; "" = bytes.
+  data.tokenizer = ""
   data.batch_size = 16  # Global batch size B (sequences per step).
   data.seq_len = 128  # Tokens per sequence S.
   data.reader = "auto"  # "seqio" | "numpy" | "auto" (seqio when TensorFlow imports, else numpy).

@@ -1,6 +1,7 @@
 r"""Routing analysis of an MoE checkpoint: per-layer load, drops, entropy, byte-class preferences.
 
   python experiments/routing_stats.py --workdir=DIR [--out_dir=DIR --num_batches=8 --batch_size=16]
+  python experiments/routing_stats.py --workdir=/ckpt/olmoe --task=text_files --path='/data/*.txt'
 
 Runs validation batches through the model restored from DIR (`moe_jax.sample.load_params`) and
 reports, for every MoE layer:
@@ -15,6 +16,14 @@ Byte classes: letter, digit, whitespace, punctuation (ASCII), keyword (bytes ins
 written as a whole word, a subset of the letters; words cut at a chunk edge count too), and other
 (non-ASCII bytes, control bytes, EOS). Writes the tables to stdout and DIR/routing_stats.md and a
 heatmap of the preferences to OUT_DIR/routing_heatmap.png.
+
+Models with their own vocabulary (a workdir converted from Hugging Face, `moe_jax.convert`, or
+fine-tuned with `data.tokenizer`): the text is tokenised with --tokenizer, else the run's
+`data.tokenizer`, else WORKDIR/tokenizer/, and the byte classes do not apply (a token is not a
+byte): the report then holds the load, drop rate and router entropy of every expert, and the
+heatmap shows the load. --task, --path and --seq_len choose other validation text (a converted
+workdir's config names the stdlib task and configs/default.py's sequence length, capped here at the
+model's max_len).
 
 How routing is captured: nothing in the library changes. `nnx.capture(model, method_outputs=
 nnx.Intermediate)` records the output of every module method during the unchanged forward pass;
@@ -39,11 +48,12 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax import data, routing  # noqa: E402
-from moe_jax.models.transformer import is_moe_layer  # noqa: E402
+from moe_jax.models.transformer import moe_layer_indices  # noqa: E402
 from moe_jax.sample import LoadedModel, load_params  # noqa: E402
 
 CLASSES = ("letter", "digit", "whitespace", "punctuation", "keyword", "other")
@@ -90,14 +100,15 @@ class LayerStats:
   Attributes:
     layer: block index.
     assignments: [E] int, (token, choice) assignments per expert.
-    class_counts: [E, C] int, assignments per expert of tokens of each class.
+    class_counts: [E, C] int, assignments per expert of tokens of each class (None without the
+      byte vocabulary).
     load: [E] fraction of assignments per expert (sums to 1).
     dropped_fraction: mean over batches of the layer's reported drop rate.
     router_entropy: mean over batches of the layer's mean router entropy (nats).
   """
   layer: int
   assignments: np.ndarray
-  class_counts: np.ndarray
+  class_counts: np.ndarray | None
   load: np.ndarray
   dropped_fraction: float
   router_entropy: float
@@ -107,14 +118,23 @@ class LayerStats:
 class RoutingStats:
   """Per-layer statistics and the class frequencies of the analysed tokens."""
   layers: list[LayerStats]
-  class_tokens: np.ndarray  # [C] tokens of each class
+  class_tokens: np.ndarray | None  # [C] tokens of each class; None without the byte vocabulary
   num_tokens: int
   num_experts: int
   top_k: int
   step: int
+  tokenizer: str = ""  # the tokenizer.json of a model with its own vocabulary
+
+  @property
+  def byte_classes(self) -> bool:
+    """Whether the byte-class statistics exist (the byte vocabulary)."""
+    return self.class_tokens is not None
 
   def preference(self, layer: LayerStats) -> np.ndarray:
     """[E, C] P(class | routed to e) / P(class); NaN for an expert with no assignment."""
+    if not self.byte_classes:
+      raise ValueError(f"byte classes need the byte vocabulary; these tokens come from "
+                       f"{self.tokenizer}: only the expert load, drop rate and entropy apply.")
     with np.errstate(divide="ignore", invalid="ignore"):
       share_in_expert = layer.class_counts / layer.assignments[:, None]
       share_overall = self.class_tokens / self.num_tokens
@@ -141,19 +161,55 @@ def _capture_fn(graphdef, moe_layers: tuple[int, ...]):
   return jax.jit(run)
 
 
+def analysis_data_config(workdir: str, config, *, task: str | None = None,
+                         path: str | None = None, seq_len: int | None = None,
+                         tokenizer: str | None = None):
+  """The data section to analyse `workdir`'s model on: the run's, with the overrides given.
+
+  The tokenizer is `tokenizer`, else the run's `data.tokenizer`, else WORKDIR/tokenizer/ when it
+  holds a tokenizer.json (a converted or fine-tuned workdir), else the byte vocabulary. The
+  sequence length is capped at the model's max_len.
+  """
+  data_config = ml_collections.ConfigDict(config.data.to_dict())
+  if task:
+    data_config.task = task
+  if path:
+    data_config.path = path
+  if seq_len:
+    data_config.seq_len = seq_len
+  if data_config.seq_len > config.model.max_len:
+    data_config.seq_len = config.model.max_len
+  local = os.path.join(workdir, "tokenizer")
+  data_config.tokenizer = (tokenizer or data_config.get("tokenizer", "")
+                           or (local if os.path.isfile(os.path.join(local, "tokenizer.json"))
+                               else ""))
+  if data_config.get("objective", "lm") != "lm" and data_config.tokenizer:
+    data_config.objective = "lm"
+  return data_config
+
+
 def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
-                          batch_size: int | None = None) -> RoutingStats:
+                          batch_size: int | None = None, data_config=None) -> RoutingStats:
   """Routes `num_batches` validation batches and accumulates every MoE layer's statistics.
 
   Args:
     model: from `sample.load_params`.
     num_batches: validation batches (default config.data.eval_batches).
     batch_size: sequences per batch (default config.data.batch_size).
+    data_config: the data to route (default the run's `config.data`; `analysis_data_config`).
+      With `tokenizer` set the byte-class statistics are left out (None).
 
   Raises:
-    ValueError: the model has no MoE layer.
+    ValueError: the model has no MoE layer, or it has its own vocabulary (fewer ids than the
+      byte vocabulary) and no tokenizer is given.
   """
   config = model.config
+  data_config = config.data if data_config is None else data_config
+  tokenizer = data_config.get("tokenizer", "") or ""
+  if not tokenizer and config.model.vocab_size < data.VOCAB_SIZE:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is not the byte vocabulary "
+                     f"({data.VOCAB_SIZE} ids): give its tokenizer (--tokenizer=PATH; a converted "
+                     "workdir keeps it in WORKDIR/tokenizer/).")
   moe_config = config.model.moe
   if (moe_config.get("router", "token_choice") != "token_choice"
       or moe_config.get("bias_update_rate", 0) or routing.num_extra_experts(moe_config)):
@@ -161,13 +217,13 @@ def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
     # token choice over FFN experts only.
     raise ValueError("routing_stats analyses token-choice routing without a selection bias or "
                      f"zero-computation/null experts; this run uses router={moe_config.router!r}.")
-  moe_layers = [i for i in range(config.model.num_layers)
-                if is_moe_layer(i, config.model.moe_every)]
+  moe_layers = list(moe_layer_indices(config.model))
   if not moe_layers:
-    raise ValueError(f"config.model.moe_every={config.model.moe_every}: the model has no MoE "
-                     "layer to analyse.")
-  num_batches = num_batches or config.data.eval_batches
-  batch_size = batch_size or config.data.batch_size
+    raise ValueError(f"config.model.moe_every={config.model.moe_every} (moe_layers="
+                     f"{config.model.get('moe_layers')}): the model has no MoE layer to analyse.")
+  num_batches = num_batches or data_config.eval_batches
+  batch_size = batch_size or data_config.batch_size
+  byte_classes = not tokenizer
   num_experts, top_k = moe_config.num_experts, moe_config.top_k
   run = _capture_fn(model.graphdef, tuple(moe_layers))
 
@@ -177,12 +233,13 @@ def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
   entropy = {i: [] for i in moe_layers}
   class_tokens = np.zeros(len(CLASSES), np.int64)
   num_tokens = 0
-  dataset = data.load_dataset(config.data, "validation")
+  dataset = data.load_dataset(data_config, "validation")
   for batch in dataset.eval_batches(batch_size, num_batches):
     tokens = batch["inputs"]
-    classes = classify_tokens(tokens).reshape(-1, len(CLASSES))
-    class_tokens += classes.sum(axis=0)
-    num_tokens += classes.shape[0]
+    if byte_classes:
+      classes = classify_tokens(tokens).reshape(-1, len(CLASSES))
+      class_tokens += classes.sum(axis=0)
+    num_tokens += tokens.size
     router_logits, layer_aux, model_aux = jax.device_get(run(model.params, jnp.asarray(tokens)))
     for i in moe_layers:
       decision = routing.route(moe_config, jnp.asarray(router_logits[i]),
@@ -192,23 +249,30 @@ def compute_routing_stats(model: LoadedModel, *, num_batches: int | None = None,
       for k in range(top_k):
         np.add.at(one_hot, (np.arange(expert_index.shape[0]), expert_index[:, k]), 1)
       assignments[i] += one_hot.sum(axis=0)
-      class_counts[i] += one_hot.T @ classes.astype(np.int64)
+      if byte_classes:
+        class_counts[i] += one_hot.T @ classes.astype(np.int64)
       # The recomputed choices must be the layer's own: its reported load is their histogram.
       np.testing.assert_allclose(one_hot.sum(axis=0) / expert_index.size,
                                  model_aux[f"layer{i}/expert_load"], atol=1e-6,
                                  err_msg=f"layer {i}: recomputed routing differs from the model's")
       dropped[i].append(float(layer_aux[i]["dropped_fraction"]))
       entropy[i].append(float(layer_aux[i]["router_entropy"]))
-  layers = [LayerStats(layer=i, assignments=assignments[i], class_counts=class_counts[i],
+  layers = [LayerStats(layer=i, assignments=assignments[i],
+                       class_counts=class_counts[i] if byte_classes else None,
                        load=assignments[i] / assignments[i].sum(),
                        dropped_fraction=float(np.mean(dropped[i])),
                        router_entropy=float(np.mean(entropy[i]))) for i in moe_layers]
-  return RoutingStats(layers=layers, class_tokens=class_tokens, num_tokens=num_tokens,
-                      num_experts=num_experts, top_k=top_k, step=model.step)
+  return RoutingStats(layers=layers, class_tokens=class_tokens if byte_classes else None,
+                      num_tokens=num_tokens, num_experts=num_experts, top_k=top_k,
+                      step=model.step,
+                      tokenizer=data.tokenizer_file(tokenizer) if tokenizer else "")
 
 
 def to_markdown(stats: RoutingStats, title: str) -> str:
-  """Markdown: class frequencies, then per layer a table of load and class preference per expert."""
+  """Markdown: class frequencies, then per layer a table of load and class preference per expert
+  (load alone without the byte vocabulary)."""
+  if not stats.byte_classes:
+    return _load_markdown(stats, title)
   lines = [f"# Routing statistics: {title} (step {stats.step})", "",
            f"{stats.num_tokens:,} validation tokens, {stats.num_experts} experts, top-"
            f"{stats.top_k}. Cells: P(class | expert) / P(class) (1 = no preference).", "",
@@ -229,11 +293,40 @@ def to_markdown(stats: RoutingStats, title: str) -> str:
   return "\n".join(lines)
 
 
+def _load_markdown(stats: RoutingStats, title: str) -> str:
+  """Per layer: drop rate, entropy and every expert's load (a model with its own vocabulary)."""
+  lines = [f"# Routing statistics: {title} (step {stats.step})", "",
+           f"{stats.num_tokens:,} validation tokens ({stats.tokenizer}), {stats.num_experts} "
+           f"experts, top-{stats.top_k}. Byte classes need the byte vocabulary, so only the "
+           f"expert load is reported (uniform: {1 / stats.num_experts:.3f}).", "",
+           "| layer | drop rate | router entropy (nats) | max load | min load | "
+           + " | ".join(f"e{e}" for e in range(stats.num_experts)) + " |",
+           "|---|---|---|---|---|" + "---|" * stats.num_experts]
+  for layer in stats.layers:
+    lines.append(f"| {layer.layer} | {layer.dropped_fraction:.2%} | {layer.router_entropy:.3f} | "
+                 f"{layer.load.max():.3f} | {layer.load.min():.3f} | "
+                 + " | ".join(f"{v:.3f}" for v in layer.load) + " |")
+  lines.append("")
+  return "\n".join(lines)
+
+
 def plot_heatmap(stats: RoutingStats, path: str) -> None:
-  """One panel per MoE layer: log2 preference [E, C], annotated with the ratio."""
+  """One panel per MoE layer: log2 preference [E, C], annotated with the ratio; without the byte
+  vocabulary one panel of the load of every (layer, expert)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  if not stats.byte_classes:
+    load = np.stack([layer.load for layer in stats.layers])  # [L, E]
+    fig, ax = plt.subplots(figsize=(0.5 * stats.num_experts + 2, 0.4 * len(stats.layers) + 2))
+    image = ax.imshow(load * stats.num_experts, cmap="viridis", aspect="auto")
+    ax.set_xlabel("expert")
+    ax.set_yticks(range(len(stats.layers)), [f"layer {l.layer}" for l in stats.layers])
+    fig.colorbar(image, ax=ax, label="load x num_experts (1 = uniform)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return
 
   num = len(stats.layers)
   fig, axes = plt.subplots(1, num, figsize=(1.2 * len(CLASSES) * num + 1.5,
@@ -263,6 +356,11 @@ def _define_flags():
   flags.DEFINE_integer("num_batches", None,
                        "Validation batches (default config.data.eval_batches).")
   flags.DEFINE_integer("batch_size", None, "Sequences per batch (default config.data.batch_size).")
+  flags.DEFINE_string("task", None, "Data task to route (default the run's config.data.task).")
+  flags.DEFINE_string("path", None, "Glob of text files for --task=text_files.")
+  flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default the run's, <= max_len).")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json (or its directory) of a model with its "
+                      "own vocabulary (default the run's data.tokenizer, else WORKDIR/tokenizer/).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -271,8 +369,11 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    stats = compute_routing_stats(load_params(f.workdir), num_batches=f.num_batches,
-                                  batch_size=f.batch_size)
+    model = load_params(f.workdir)
+    data_config = analysis_data_config(f.workdir, model.config, task=f.task, path=f.path,
+                                       seq_len=f.seq_len, tokenizer=f.tokenizer)
+    stats = compute_routing_stats(model, num_batches=f.num_batches, batch_size=f.batch_size,
+                                  data_config=data_config)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from None
   text = to_markdown(stats, f.workdir)

@@ -25,6 +25,19 @@ If --dense_workdir holds no checkpoint, the dense model is first trained there f
       --dense_config=configs/default.py:dense --dense_config.train.steps=300 \
       --dense_config.train.schedule_steps=500 --extra_steps=200
 
+From a dense Hugging Face checkpoint (Llama, Qwen3; "Llama 3 Meets MoE") instead of a workdir,
+--dense_hf=DIR: the dense model is DIR's (`moe_jax.hf`), step S is 0, and --dense_config (default
+configs/finetune.py; its model section is ignored) gives the data, schedule and mesh of both
+continuations. The upcycled MoE starts from DIR's parameters with a fresh optimizer (the hub has no
+optimizer state), the auxiliary losses at configs/default.py's weights (0.01 balance, 1e-3 z-loss;
+`init.load_balance_loss_weight` / `init.router_z_loss_weight` of --dense_config override them),
+and the dense model is fine-tuned from DIR (`config.init.hf_path`) for the same steps. The text is
+tokenised with DIR's tokenizer.json unless --dense_config.data.tokenizer names another:
+
+  python experiments/upcycle.py --dense_hf=/ckpt/Llama-3.2-1B --workdir=/tmp/upcycle_llama \
+      --dense_config=configs/finetune.py --dense_config.data.path='/data/*.txt' \
+      --num_experts=8 --top_k=2 --moe_every=1 --extra_steps=500
+
 Rerunning the command resumes whatever is unfinished.
 """
 import datetime
@@ -47,16 +60,23 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from configs import finetune  # noqa: E402
 from moe_jax import checkpoint, data, sharding, train  # noqa: E402
+from moe_jax.hf import api as hf_api  # noqa: E402
+from moe_jax.hf import common as hf_common  # noqa: E402
 from moe_jax.sample import load_config, load_params, single_device_mesh  # noqa: E402
 from moe_jax.upcycle import abstract_params, check_compatible  # noqa: E402
 from moe_jax.upcycle import upcycle_opt_state, upcycle_params  # noqa: E402
 from moe_jax.validation import validate_config  # noqa: E402
 
 _DENSE_WORKDIR = flags.DEFINE_string("dense_workdir", None, "Dense training workdir (the source).")
+_DENSE_HF = flags.DEFINE_string(
+    "dense_hf", None, "Or a dense Hugging Face checkpoint directory (Llama, Qwen3) as the source.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output: moe/, dense_continued/, results table.")
 _DENSE_CONFIG = config_flags.DEFINE_config_file(
-    "dense_config", None, "Config to train the dense model with when --dense_workdir is empty.")
+    "dense_config", None, "Config to train the dense model with when --dense_workdir is empty; "
+    "with --dense_hf, the data / train / mesh sections of both runs (default "
+    "configs/finetune.py).")
 _EXTRA_STEPS = flags.DEFINE_integer("extra_steps", 200, "Steps both models train past step S.")
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts E per MoE layer.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token K (>= 2 keeps the dense function).")
@@ -68,9 +88,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the router init and the noise."
 
 def moe_config_from_dense(dense_config, *, num_experts: int, top_k: int,
                           moe_every: int) -> ml_collections.ConfigDict:
-  """The dense config with MoE layers whose experts have the dense MLP's width."""
+  """The dense config with MoE layers whose experts have the dense MLP's width.
+
+  Every attention / RoPE / norm field is the dense model's (`upcycle.check_compatible`); the
+  routing is the function-preserving one (dropless, renormalised top-k, no routed scaling, no
+  zero-computation or null experts). An `init` section loses its checkpoint source (the MoE
+  starts from its own upcycled checkpoint) and an `hf` section is dropped: the MoE is no longer
+  the hub family it came from (export it with `--model_type`, e.g. mixtral or qwen3_moe).
+  """
   config = ml_collections.ConfigDict(dense_config.to_dict())
   config.model.moe_every = moe_every
+  config.model.moe_layers = None
   moe = config.model.moe
   moe.router = "token_choice"
   moe.num_experts = num_experts
@@ -79,6 +107,45 @@ def moe_config_from_dense(dense_config, *, num_experts: int, top_k: int,
   moe.capacity_factor = None
   moe.normalize_top_k = True
   moe.num_shared_experts = 0
+  moe.routed_scaling_factor = 1.0
+  for kind in ("zero", "copy", "constant", "null"):
+    moe[f"num_{kind}_experts"] = 0
+  if "init" in config:
+    config.init.hf_path = config.init.workdir = ""
+    config.init.freeze_router = config.init.freeze_experts = False
+  if "hf" in config:
+    del config["hf"]
+  return config
+
+
+def dense_hf_config(dense_hf: str, base_config) -> ml_collections.ConfigDict:
+  """`base_config` fine-tuning the dense checkpoint `dense_hf` (init.hf_path), resolved.
+
+  The base's model section is replaced by the checkpoint's (`train.resolve_config`); its init
+  section's freeze flags are cleared (nothing to freeze in a dense model).
+  """
+  config = ml_collections.ConfigDict(base_config.to_dict())
+  config.model = hf_common.default_experiment_config().model
+  if "init" not in config:
+    config.init = finetune.get_config().init
+  config.init.hf_path, config.init.workdir = dense_hf, ""
+  config.init.freeze_router = config.init.freeze_experts = False
+  resolved = train.resolve_config(config)
+  if resolved.model.get("moe_every", 0) or resolved.model.get("moe_layers"):
+    raise ValueError(f"--dense_hf={dense_hf!r} is a {resolved.hf.model_type!r} MoE checkpoint; "
+                     "upcycling starts from a dense one (llama, qwen3).")
+  return resolved
+
+
+def moe_config_from_dense_hf(dense_config, **kwargs) -> ml_collections.ConfigDict:
+  """`moe_config_from_dense` of an imported dense model, with the auxiliary losses switched on
+  (the hub config of a dense model has none): configs/default.py's weights unless the base
+  config's `init` section sets them."""
+  config = moe_config_from_dense(dense_config, **kwargs)
+  default_moe = hf_common.default_experiment_config().model.moe
+  for name in ("load_balance_loss_weight", "router_z_loss_weight"):
+    chosen = dense_config.init.get(name)
+    config.model.moe[name] = float(default_moe[name] if chosen is None else chosen)
   return config
 
 
@@ -135,6 +202,34 @@ def upcycle_checkpoint(dense_workdir: str, moe_workdir: str, moe_config, *, nois
   return evals
 
 
+def upcycle_hf_checkpoint(dense_hf: str, moe_workdir: str, dense_config, moe_config, *,
+                          noise_std: float, router_init_std: float, seed: int) -> dict:
+  """Writes the MoE upcycled from the Hugging Face checkpoint `dense_hf` at step 0 (a fresh
+  optimizer) to moe_workdir; returns the validation metrics of both models at step 0."""
+  mesh = sharding.make_mesh(dense_config.mesh)
+  dense_params = hf_api.load_params(dense_hf, dense_config, mesh)
+  dense_graphdef, _, _ = train.abstract_model(dense_config, mesh)
+  moe_graphdef, moe_template = _fresh_state(moe_config, mesh)
+  params = upcycle_params(dense_params, dense_config, moe_config, noise_std=noise_std,
+                          rng=jax.random.key(seed), router_init_std=router_init_std)
+  # The template's optimizer state is already the fresh one (zero moments, count 0).
+  state = dict(moe_template, params=jax.tree.map(lambda x, t: jax.device_put(x, t.sharding),
+                                                 params, moe_template["params"]))
+  evals = {"step": 0,
+           "dense": evaluate_params(dense_config, dense_graphdef, dense_params, mesh),
+           "moe": evaluate_params(moe_config, moe_graphdef, state["params"], mesh)}
+  if os.path.exists(moe_workdir):  # left by an attempt that stopped before finishing this step
+    shutil.rmtree(moe_workdir)
+  os.makedirs(moe_workdir)
+  train.write_config(moe_config, moe_workdir)
+  if moe_config.data.get("tokenizer"):
+    train.copy_tokenizer(moe_config.data.tokenizer, moe_workdir)
+  moe_ckpt = checkpoint.Checkpointer(moe_workdir, keep=moe_config.train.keep_checkpoints)
+  moe_ckpt.save(0, state)
+  moe_ckpt.close()
+  return evals
+
+
 def final_evals(workdir: str) -> dict:
   """Validation metrics of the latest checkpoint in `workdir` (also if a rerun trained nothing)."""
   model = load_params(workdir)
@@ -154,7 +249,7 @@ def _count(params) -> int:
 
 
 def results_table(rows: list[dict]) -> str:
-  lines = ["| model | total params | step | validation loss (nats/byte) | bits/byte | wall time |",
+  lines = ["| model | total params | step | validation loss (nats/token) | bits/byte | wall time |",
            "|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['name']} | {r['params']:,} | {r['step']} | {r['loss']:.4f} | "
@@ -165,27 +260,38 @@ def results_table(rows: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  dense_workdir, workdir = _DENSE_WORKDIR.value, _WORKDIR.value
-  if not dense_workdir or not workdir:
-    raise app.UsageError("--dense_workdir and --workdir are required.")
+  dense_workdir, dense_hf, workdir = _DENSE_WORKDIR.value, _DENSE_HF.value, _WORKDIR.value
+  if bool(dense_workdir) == bool(dense_hf) or not workdir:
+    raise app.UsageError("--workdir and one of --dense_workdir or --dense_hf are required.")
   if _EXTRA_STEPS.value < 1:
     raise app.UsageError(f"--extra_steps={_EXTRA_STEPS.value}; allowed: >= 1.")
-  has_checkpoint = os.path.isdir(os.path.join(dense_workdir, "checkpoints")) and any(
-      s.isdigit() for s in os.listdir(os.path.join(dense_workdir, "checkpoints")))
   times = {}
-  if not has_checkpoint:
-    if _DENSE_CONFIG.value is None:
-      raise app.UsageError(f"{dense_workdir} holds no checkpoint; pass --dense_config to train it.")
-    start = time.perf_counter()
-    train.train_and_evaluate(_DENSE_CONFIG.value, dense_workdir)
-    times["dense"] = time.perf_counter() - start
-
-  dense_config = load_config(dense_workdir)
-  moe_config = moe_config_from_dense(dense_config, num_experts=_NUM_EXPERTS.value,
-                                     top_k=_TOP_K.value, moe_every=_MOE_EVERY.value)
+  sizes = dict(num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value, moe_every=_MOE_EVERY.value)
+  if dense_hf:
+    try:
+      dense_config = dense_hf_config(dense_hf, _DENSE_CONFIG.value or finetune.get_config())
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(str(e)) from None
+    moe_config = moe_config_from_dense_hf(dense_config, **sizes)
+    # Step S = 0: both runs lay their schedule over the extra steps (saved with the MoE's state).
+    dense_config.train.steps = moe_config.train.steps = _EXTRA_STEPS.value
+  else:
+    has_checkpoint = os.path.isdir(os.path.join(dense_workdir, "checkpoints")) and any(
+        s.isdigit() for s in os.listdir(os.path.join(dense_workdir, "checkpoints")))
+    if not has_checkpoint:
+      if _DENSE_CONFIG.value is None:
+        raise app.UsageError(f"{dense_workdir} holds no checkpoint; pass --dense_config to train "
+                             "it.")
+      start = time.perf_counter()
+      train.train_and_evaluate(_DENSE_CONFIG.value, dense_workdir)
+      times["dense"] = time.perf_counter() - start
+    dense_config = load_config(dense_workdir)
+    moe_config = moe_config_from_dense(dense_config, **sizes)
   moe_dir = os.path.join(workdir, "moe")
   dense_dir = os.path.join(workdir, "dense_continued")
   try:
+    if dense_hf:
+      validate_config(dense_config)
     validate_config(moe_config)
     check_compatible(dense_config, moe_config)
   except ValueError as e:
@@ -195,12 +301,17 @@ def main(argv):
     with open(start_file) as f:
       start_evals = json.load(f)
   else:
+    upcycle_args = dict(noise_std=_NOISE_STD.value, router_init_std=_ROUTER_INIT_STD.value,
+                        seed=_SEED.value)
     try:
-      start_evals = upcycle_checkpoint(
-          dense_workdir, moe_dir, moe_config, noise_std=_NOISE_STD.value,
-          router_init_std=_ROUTER_INIT_STD.value, seed=_SEED.value)
+      if dense_hf:
+        start_evals = upcycle_hf_checkpoint(dense_hf, moe_dir, dense_config, moe_config,
+                                            **upcycle_args)
+      else:
+        start_evals = upcycle_checkpoint(dense_workdir, moe_dir, moe_config, **upcycle_args)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
+    os.makedirs(workdir, exist_ok=True)
     with open(start_file, "w") as f:
       json.dump(start_evals, f, indent=2)
   step = start_evals["step"]
@@ -209,7 +320,9 @@ def main(argv):
                start_evals["moe"])
 
   dense_config.train.steps = moe_config.train.steps = final_step
-  continue_dense(dense_workdir, dense_dir, dense_config, step)
+  if not dense_hf:
+    continue_dense(dense_workdir, dense_dir, dense_config, step)
+  # With --dense_hf the dense run is a fine-tune from the checkpoint (config.init.hf_path).
   start = time.perf_counter()
   train.train_and_evaluate(dense_config, dense_dir)
   dense_time = time.perf_counter() - start
@@ -242,7 +355,8 @@ def main(argv):
   ]
   moe = moe_config.model.moe
   header = (
-      f"# Sparse upcycling: {dense_workdir} (step {step}) + {_EXTRA_STEPS.value} steps\n\n"
+      f"# Sparse upcycling: {dense_workdir or dense_hf} (step {step}) + {_EXTRA_STEPS.value} "
+      "steps\n\n"
       f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
       f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()}, "
       f"{os.cpu_count()} cores visible). Task {dense_config.data.task}, batch "
@@ -250,7 +364,8 @@ def main(argv):
       f"MoE: moe_every={moe_config.model.moe_every}, {moe.num_experts} experts of hidden "
       f"{moe.expert_hidden_dim} (= dense mlp_dim), top-{moe.top_k} renormalised, dropless; "
       f"noise_std {_NOISE_STD.value}, router init N(0, {_ROUTER_INIT_STD.value}^2); optimizer "
-      f"state upcycled. Learning rate: {dense_config.train.get('schedule', 'cosine')} schedule "
+      f"state {'fresh (a Hugging Face source)' if dense_hf else 'upcycled'}. Learning rate: "
+      f"{dense_config.train.get('schedule', 'cosine')} schedule "
       f"over the dense run's horizon of {train.schedule_horizon(dense_config.train)} steps, "
       "continued by both runs. Validation: mean ± standard error over evaluation batches "
       f"({dense_config.data.eval_batches} x {dense_config.data.batch_size} chunks spread over the "
@@ -266,5 +381,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["dense_workdir", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)

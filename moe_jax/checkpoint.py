@@ -43,6 +43,16 @@ class Checkpointer:
     """Restores step `step` onto `target` (a pytree of arrays or ShapeDtypeStructs)."""
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
 
+  def restore_params(self, step: int, params: Any, router_state: Any = None) -> dict:
+    """Only {"params"[, "router_state"]} of step `step`, onto abstract targets (ShapeDtypeStructs
+    with shardings); the optimizer state stays on disk."""
+    item = {"params": params}
+    if router_state:
+      item["router_state"] = router_state
+    return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -31,6 +31,18 @@ first 95% to train and the last 5% to validation.
 Readers (`config.data.reader`) build identical arrays: "seqio" tokenises through registered seqio
 tasks (TensorFlow is imported only then, see `data_seqio.py`), "numpy" is a plain reimplementation
 for hosts without TensorFlow, and "auto" picks seqio when it imports.
+
+Tokenizers (`config.data.tokenizer`): "" is the byte vocabulary above. A path to a Hugging Face
+`tokenizer.json` (or a directory holding one, e.g. a checkpoint or a converted workdir's
+tokenizer/) encodes every document instead with that tokenizer (`TextTokenizer`, the `tokenizers`
+library; seqio wraps the same encoder in a `seqio.Vocabulary`, so both readers still give the same
+arrays). A document's bytes are decoded as UTF-8 (invalid bytes become U+FFFD), encoded with the
+tokenizer's own special tokens (e.g. Llama's BOS; truncation and padding off), and followed by the
+tokenizer's EOS id (`TextTokenizer.eos_id`) exactly once; packing is as above. Chunks hold no
+padding, so every target weighs 1 (id 0 is an ordinary token there). Bits per byte are then the
+loss per token divided by ln 2 and by the split's bytes per token (`TokenDataset.bytes_per_token`,
+which counts each document's EOS as one byte, as the byte vocabulary does). The model's vocabulary
+must hold every tokenizer id (`model.vocab_size >= TextTokenizer.vocab_size`, validated).
 """
 from collections.abc import Iterator
 import glob
@@ -40,6 +52,7 @@ import os
 import pathlib
 import platform
 import sysconfig
+import json
 import zlib
 
 import numpy as np
@@ -58,15 +71,15 @@ OBJECTIVES = ("lm", "mlm")
 # Leading entries of the per-row mask keys, so train and evaluation masks never share a stream.
 _TRAIN_MASK_KEY, _EVAL_MASK_KEY = 0x6D6C6D, 0x6D6C6E
 
-# Built token arrays and the stream offset where each document starts, keyed by
-# (task, path, split, seq_len, reader). Arrays are read-only so that no caller can corrupt what
-# later calls get.
-_CACHE: dict[tuple[str, str, str, int, str], tuple[np.ndarray, np.ndarray]] = {}
+# Built token arrays, the stream offset where each document starts and the bytes per token, keyed
+# by (task, path, split, seq_len, reader, tokenizer). Arrays are read-only so that no caller can
+# corrupt what later calls get.
+_CACHE: dict[tuple[str, str, str, int, str, str], tuple[np.ndarray, np.ndarray, float]] = {}
 
 
-def bits_per_byte(loss_nats: float) -> float:
-  """Converts a per-token loss in nats to bits per byte (one token is one byte here)."""
-  return loss_nats / math.log(2)
+def bits_per_byte(loss_nats: float, bytes_per_token: float = 1.0) -> float:
+  """Converts a per-token loss in nats to bits per byte (byte vocabulary: one token per byte)."""
+  return loss_nats / math.log(2) / bytes_per_token
 
 
 def file_split(relpath: str) -> str:
@@ -164,6 +177,121 @@ def documents(task: str, path: str, split: str) -> list[tuple[str, bytes]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizers (`config.data.tokenizer`).
+
+# Tried in order when a tokenizer directory names no EOS token (tokenizer_config.json,
+# generation_config.json, config.json): GPT-2/NeoX/OLMo/Qwen, SentencePiece, Llama 3, Gemma.
+_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+def tokenizer_file(path: str) -> str:
+  """The tokenizer.json of `path` (the file itself, or DIR/tokenizer.json); FileNotFoundError."""
+  path = os.path.expanduser(path)
+  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"data.tokenizer={path!r}: {file} does not exist; give a Hugging Face "
+                            "tokenizer.json or a directory holding one.")
+  return file
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+class TextTokenizer:
+  """A Hugging Face tokenizer (`tokenizers.Tokenizer` of a tokenizer.json) that packs documents.
+
+  Attributes:
+    file: the tokenizer.json.
+    vocab_size: ids the tokenizer can produce (added tokens included): the model needs as many.
+    eos_id: the id appended to every document. Found, in order, as `eos_token` of
+      tokenizer_config.json, `eos_token_id` of generation_config.json or config.json (next to the
+      tokenizer.json), or the first of <|endoftext|>, </s>, <|end_of_text|>, <eos> in the vocab.
+    unk_id: the id of the model's unknown token, or None.
+  """
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top  (only runs that use a tokenizer)
+
+    self.file = tokenizer_file(path)
+    self.tokenizer = tokenizers.Tokenizer.from_file(self.file)
+    self.tokenizer.no_truncation()
+    self.tokenizer.no_padding()
+    self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_id = self._find_eos_id(os.path.dirname(self.file))
+    unk = getattr(self.tokenizer.model, "unk_token", None)
+    self.unk_id = self.tokenizer.token_to_id(unk) if unk else None
+
+  def _find_eos_id(self, directory: str) -> int:
+    where = []
+    token = _read_json(os.path.join(directory, "tokenizer_config.json")).get("eos_token")
+    if isinstance(token, dict):
+      token = token.get("content")
+    if token:
+      if self.tokenizer.token_to_id(token) is None:
+        raise ValueError(f"data.tokenizer={self.file!r}: tokenizer_config.json names eos_token "
+                         f"{token!r}, which is not in the tokenizer's vocabulary.")
+      return self.tokenizer.token_to_id(token)
+    for name in ("generation_config.json", "config.json"):
+      eos = _read_json(os.path.join(directory, name)).get("eos_token_id")
+      if isinstance(eos, list):
+        eos = eos[0] if eos else None
+      if eos is not None:
+        if not 0 <= int(eos) < self.vocab_size:
+          where.append(f"{name} eos_token_id={eos} lies outside its {self.vocab_size} ids")
+          continue
+        return int(eos)
+    for token in _EOS_TOKENS:
+      if self.tokenizer.token_to_id(token) is not None:
+        return self.tokenizer.token_to_id(token)
+    raise ValueError(
+        f"data.tokenizer={self.file!r}: no EOS token found ({'; '.join(where) or 'none named'}): "
+        "put a tokenizer_config.json with \"eos_token\" next to tokenizer.json, or give the "
+        f"vocabulary one of {_EOS_TOKENS}.")
+
+  def encode(self, document: bytes | str) -> list[int]:
+    """The ids of one document, without the EOS that packing appends."""
+    if isinstance(document, bytes):
+      document = document.decode("utf-8", errors="replace")
+    ids = self.tokenizer.encode(document).ids
+    return ids[:-1] if ids and ids[-1] == self.eos_id else ids  # a post-processor's own EOS
+
+  def encode_batch(self, documents: list[bytes]) -> list[list[int]]:
+    """`encode` of each document (the tokenizer's threads encode them together)."""
+    texts = [d.decode("utf-8", errors="replace") for d in documents]
+    out = []
+    for encoding in self.tokenizer.encode_batch(texts):
+      ids = encoding.ids
+      out.append(ids[:-1] if ids and ids[-1] == self.eos_id else ids)
+    return out
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids])
+
+
+_TOKENIZERS: dict[str, TextTokenizer] = {}
+
+
+def text_tokenizer(path: str) -> TextTokenizer:
+  """The (cached) `TextTokenizer` of `path`."""
+  file = os.path.abspath(tokenizer_file(path))
+  if file not in _TOKENIZERS:
+    _TOKENIZERS[file] = TextTokenizer(file)
+  return _TOKENIZERS[file]
+
+
+def _tokenized_stream(docs: list[bytes], tokenizer: TextTokenizer) -> np.ndarray:
+  """The tokenizer's ids of the docs, each followed by EOS, concatenated: int32 [total]."""
+  parts = []
+  for ids in tokenizer.encode_batch(docs):
+    parts.append(np.asarray(ids + [tokenizer.eos_id], np.int32))
+  return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenisation and packing.
 
 
@@ -177,17 +305,21 @@ def _numpy_stream(docs: list[bytes]) -> np.ndarray:
   return stream
 
 
-def seqio_task_name(task: str, path: str = "") -> str:
-  """Name of the seqio task serving `task`; text_files tasks carry a hash of their glob."""
-  if task == "text_files":
-    return f"moe_jax_text_files_{zlib.crc32(path.encode()):08x}"
-  return f"moe_jax_{task}"
+def seqio_task_name(task: str, path: str = "", tokenizer: str = "") -> str:
+  """Name of the seqio task serving `task`; text_files tasks carry a hash of their glob, tasks
+  with a tokenizer one of its file."""
+  name = (f"moe_jax_text_files_{zlib.crc32(path.encode()):08x}" if task == "text_files"
+          else f"moe_jax_{task}")
+  if tokenizer:
+    name += f"_tok{zlib.crc32(os.path.abspath(tokenizer_file(tokenizer)).encode()):08x}"
+  return name
 
 
-def _seqio_stream(task: str, path: str, split: str) -> np.ndarray:
+def _seqio_stream(task: str, path: str, split: str, tokenizer: str = "") -> np.ndarray:
   from moe_jax import data_seqio  # pylint: disable=g-import-not-at-top  (TensorFlow loads here)
-  name = seqio_task_name(task, path)
-  data_seqio.register_task(name, lambda s: [d for _, d in documents(task, path, s)])
+  name = seqio_task_name(task, path, tokenizer)
+  vocabulary = data_seqio.TokenizerVocabulary(text_tokenizer(tokenizer)) if tokenizer else None
+  data_seqio.register_task(name, lambda s: [d for _, d in documents(task, path, s)], vocabulary)
   return data_seqio.token_stream(name, split)
 
 
@@ -202,9 +334,11 @@ def _resolve_reader(reader: str) -> str:
 
 
 def _pack(stream: np.ndarray, seq_len: int) -> np.ndarray:
-  """Cuts the stream into consecutive chunks of seq_len + 1 tokens: uint16 [N, seq_len + 1]."""
+  """Cuts the stream into consecutive chunks of seq_len + 1 tokens: [N, seq_len + 1], uint16
+  (uint32 when an id does not fit, e.g. a 128K-token vocabulary)."""
   num_chunks = len(stream) // (seq_len + 1)
-  return stream[:num_chunks * (seq_len + 1)].astype(np.uint16).reshape(num_chunks, seq_len + 1)
+  dtype = np.uint16 if len(stream) == 0 or int(stream.max()) < 2 ** 16 else np.uint32
+  return stream[:num_chunks * (seq_len + 1)].astype(dtype).reshape(num_chunks, seq_len + 1)
 
 
 def _document_starts(docs: list[bytes]) -> np.ndarray:
@@ -213,28 +347,44 @@ def _document_starts(docs: list[bytes]) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
-def _build(task: str, path: str, split: str, seq_len: int,
-           reader: str) -> tuple[np.ndarray, np.ndarray]:
-  key = (task, path if task == "text_files" else "", split, seq_len, reader)
+def _build(task: str, path: str, split: str, seq_len: int, reader: str,
+           tokenizer: str = "") -> tuple[np.ndarray, np.ndarray, float]:
+  key = (task, path if task == "text_files" else "", split, seq_len, reader, tokenizer)
   if key not in _CACHE:
     docs = [d for _, d in documents(task, key[1], split)]
-    # Both readers build the same stream (tested), so document offsets come from the bytes.
-    stream = _seqio_stream(task, key[1], split) if reader == "seqio" else _numpy_stream(docs)
+    if reader == "seqio":
+      stream = _seqio_stream(task, key[1], split, tokenizer)
+    elif tokenizer:
+      stream = _tokenized_stream(docs, text_tokenizer(tokenizer))
+    else:
+      stream = _numpy_stream(docs)
+    if tokenizer:
+      # Each document ends with the (only) EOS its encoding gets, so EOS positions delimit them
+      # (a document holding the EOS token's literal text counts as two, which only moves
+      # which chunks the evaluation sample prefers).
+      ends = np.flatnonzero(stream == text_tokenizer(tokenizer).eos_id)
+      starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    else:
+      # Both readers build the same stream (tested), so document offsets come from the bytes.
+      starts = _document_starts(docs)
+    # Each EOS counts as a byte, so the byte vocabulary has exactly 1.
+    num_bytes = sum(len(d) for d in docs) + len(docs)
+    bytes_per_token = num_bytes / len(stream) if len(stream) else 1.0
     tokens = _pack(stream, seq_len)
-    starts = _document_starts(docs)
     tokens.setflags(write=False)
     starts.setflags(write=False)
-    _CACHE[key] = (tokens, starts)
+    _CACHE[key] = (tokens, starts, bytes_per_token)
   return _CACHE[key]
 
 
-def build_tokens(task: str, path: str, split: str, seq_len: int, reader: str) -> np.ndarray:
-  """The packed, read-only token array of a split: uint16 [N, seq_len + 1].
+def build_tokens(task: str, path: str, split: str, seq_len: int, reader: str,
+                 tokenizer: str = "") -> np.ndarray:
+  """The packed, read-only token array of a split: uint16 (or uint32) [N, seq_len + 1].
 
-  Cached per process by (task, path, split, seq_len, reader); edits to the files after the first
-  call are not seen.
+  Cached per process by (task, path, split, seq_len, reader, tokenizer); edits to the files after
+  the first call are not seen.
   """
-  return _build(task, path, split, seq_len, reader)[0]
+  return _build(task, path, split, seq_len, reader, tokenizer)[0]
 
 
 def corpus_fingerprint(data_config) -> dict:
@@ -244,9 +394,12 @@ def corpus_fingerprint(data_config) -> dict:
   with the Python version; every result records this dict. `file_list_sha256` hashes the sorted
   (split, name, size) lines and `content_sha256` the bytes themselves (first 16 hex digits each).
 
+  With `data.tokenizer` set, "tokenizer" holds its path and the sha256 of its tokenizer.json (first
+  16 hex digits).
+
   Returns:
     {"task", "path", "python", "implementation", "splits": {split: {"files", "bytes"}},
-     "file_list_sha256", "content_sha256"}.
+     "file_list_sha256", "content_sha256"[, "tokenizer"]}.
   """
   task, path = data_config.task, data_config.get("path", "") or ""
   names, contents = hashlib.sha256(), hashlib.sha256()
@@ -257,10 +410,17 @@ def corpus_fingerprint(data_config) -> dict:
     for name, body in docs:
       names.update(f"{split}\t{name}\t{len(body)}\n".encode())
       contents.update(body)
-  return {"task": task, "path": path if task == "text_files" else "",
-          "python": platform.python_version(), "implementation": platform.python_implementation(),
-          "splits": splits, "file_list_sha256": names.hexdigest()[:16],
-          "content_sha256": contents.hexdigest()[:16]}
+  fingerprint = {"task": task, "path": path if task == "text_files" else "",
+                 "python": platform.python_version(),
+                 "implementation": platform.python_implementation(),
+                 "splits": splits, "file_list_sha256": names.hexdigest()[:16],
+                 "content_sha256": contents.hexdigest()[:16]}
+  tokenizer = data_config.get("tokenizer", "") or ""
+  if tokenizer:
+    file = tokenizer_file(tokenizer)
+    fingerprint["tokenizer"] = {"path": file, "sha256": hashlib.sha256(
+        pathlib.Path(file).read_bytes()).hexdigest()[:16]}
+  return fingerprint
 
 
 def describe_fingerprint(fingerprint: dict) -> str:
@@ -268,9 +428,11 @@ def describe_fingerprint(fingerprint: dict) -> str:
   splits = ", ".join(f"{v['files']} {k} files / {v['bytes']:,} bytes"
                      for k, v in fingerprint["splits"].items())
   where = f" {fingerprint['path']}" if fingerprint.get("path") else ""
+  tokenizer = fingerprint.get("tokenizer")
+  tokens = (f"; tokenizer {tokenizer['path']} ({tokenizer['sha256']})" if tokenizer else "")
   return (f"{fingerprint['task']}{where} ({fingerprint['implementation']} {fingerprint['python']}): "
           f"{splits}; files {fingerprint['file_list_sha256']}, "
-          f"content {fingerprint['content_sha256']}")
+          f"content {fingerprint['content_sha256']}{tokens}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,11 +448,15 @@ class TokenDataset:
     name: a description ("task/split") used in error messages.
     objective: "lm" or "mlm" (see the module docstring).
     mask_rate: "mlm": the fraction of each sequence's tokens to predict.
+    pad_id: targets equal to it weigh 0 ("lm"); None = none (a tokenizer's packed chunks, whose
+      id 0 is an ordinary token).
+    bytes_per_token: the split's bytes per token (1 for the byte vocabulary), for bits per byte.
   """
 
   def __init__(self, tokens: np.ndarray, name: str = "dataset",
                document_starts: np.ndarray | None = None, *, objective: str = "lm",
-               mask_rate: float = 0.15):
+               mask_rate: float = 0.15, pad_id: int | None = PAD_ID,
+               bytes_per_token: float = 1.0):
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"{name}: tokens must be [N, S+1] with S >= 1, got shape {tokens.shape}.")
     if objective not in OBJECTIVES:
@@ -301,6 +467,8 @@ class TokenDataset:
     self.name = name
     self.objective = objective
     self.mask_rate = mask_rate
+    self.pad_id = pad_id
+    self.bytes_per_token = bytes_per_token
     # Stream offset of each document's first token; None = one document (no file boundaries).
     self.document_starts = (np.zeros((1,), np.int64) if document_starts is None
                             else np.asarray(document_starts, np.int64))
@@ -321,8 +489,9 @@ class TokenDataset:
     """The "lm" batch of chunks `rows`."""
     chunks = self.tokens[rows].astype(np.int32)
     targets = chunks[:, 1:]
-    return {"inputs": chunks[:, :-1], "targets": targets,
-            "weights": (targets != PAD_ID).astype(np.float32)}
+    weights = (np.ones(targets.shape, np.float32) if self.pad_id is None
+               else (targets != self.pad_id).astype(np.float32))
+    return {"inputs": chunks[:, :-1], "targets": targets, "weights": weights}
 
   def _masked_batch(self, rows: np.ndarray, keys: np.ndarray,
                     real_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -456,9 +625,13 @@ class TokenDataset:
       batch["weights"][len(rows):] = 0.0
     return batch
 
+  def bits_per_byte(self, loss_nats: float) -> float:
+    """A per-token loss on this split in bits per byte (`bytes_per_token`)."""
+    return bits_per_byte(loss_nats, self.bytes_per_token)
+
   def unigram_entropy_bits(self) -> float:
     """Entropy (bits/token) of the targets' empirical token distribution: the unigram baseline."""
-    counts = np.bincount(self.tokens[:, 1:].ravel(), minlength=VOCAB_SIZE)
+    counts = np.bincount(self.tokens[:, 1:].ravel().astype(np.int64), minlength=VOCAB_SIZE)
     probs = counts[counts > 0] / counts.sum()
     return float(-(probs * np.log2(probs)).sum())
 
@@ -467,7 +640,8 @@ def load_dataset(data_config, split: str) -> TokenDataset:
   """Loads `split` of the task named by `data_config` (task, path, seq_len, reader, objective).
 
   Args:
-    data_config: an ml_collections.ConfigDict like `config.data` in configs/default.py.
+    data_config: an ml_collections.ConfigDict like `config.data` in configs/default.py (with
+      `tokenizer`, a missing field is the byte vocabulary).
     split: "train" or "validation".
 
   Returns:
@@ -476,7 +650,8 @@ def load_dataset(data_config, split: str) -> TokenDataset:
   Raises:
     ValueError: naming the field, its value and what is allowed, for an unknown task, split,
       reader or objective, a mask_rate outside (0, 1], a non-positive seq_len, a glob matching
-      no file, or a split too small for one chunk.
+      no file, a split too small for one chunk, a tokenizer with objective "mlm" or without EOS.
+    FileNotFoundError: `data.tokenizer` names no tokenizer.json.
   """
   task, reader = data_config.task, data_config.reader
   path, seq_len = data_config.get("path", "") or "", data_config.seq_len
@@ -490,12 +665,18 @@ def load_dataset(data_config, split: str) -> TokenDataset:
     raise ValueError(f"data.seq_len={seq_len!r} is not allowed; allowed: an integer >= 1.")
   if task == "text_files" and not path:
     raise ValueError(f"data.path={path!r} is empty; task 'text_files' needs a glob of files.")
-  tokens, document_starts = _build(task, path, split, seq_len, _resolve_reader(reader))
+  tokenizer = data_config.get("tokenizer", "") or ""
+  objective = data_config.get("objective", "lm")
+  if tokenizer and objective != "lm":
+    raise ValueError(f"data.objective={objective!r} needs the byte vocabulary (its [MASK] id is "
+                     f"{MASK_ID}); with data.tokenizer={tokenizer!r} only 'lm' is allowed.")
+  tokens, document_starts, bytes_per_token = _build(task, path, split, seq_len,
+                                                    _resolve_reader(reader), tokenizer)
   name = f"task {task!r} split {split!r}" + (
       f" (data.path={path!r})" if task == "text_files" else "")
   if len(tokens) == 0:
     raise ValueError(f"{name} is too small for one chunk of data.seq_len + 1 = {seq_len + 1} "
                      "tokens; lower data.seq_len or add data.")
-  return TokenDataset(tokens, name, document_starts,
-                      objective=data_config.get("objective", "lm"),
-                      mask_rate=data_config.get("mask_rate", 0.15))
+  return TokenDataset(tokens, name, document_starts, objective=objective,
+                      mask_rate=data_config.get("mask_rate", 0.15),
+                      pad_id=None if tokenizer else PAD_ID, bytes_per_token=bytes_per_token)

@@ -1,4 +1,8 @@
-"""seqio tasks for the byte-level corpora: the only module that imports TensorFlow and seqio.
+"""seqio tasks for the corpora: the only module that imports TensorFlow and seqio.
+
+Documents are tokenised with `seqio.ByteVocabulary` or, with `config.data.tokenizer`, with
+`TokenizerVocabulary`: a seqio vocabulary around the very encoder the NumPy reader calls
+(`data.TextTokenizer`), so both readers give the same tokens.
 
 `data.py` imports this lazily, for `config.data.reader = "seqio"` (or "auto" when it imports).
 TensorFlow is told to see no GPU, so it never takes accelerator memory from JAX.
@@ -20,17 +24,69 @@ VOCABULARY = seqio.ByteVocabulary()
 SPLITS = ("train", "validation")
 
 
-def register_task(name: str, documents_fn: Callable[[str], Sequence[bytes]]) -> seqio.Task:
-  """(Re-)registers seqio task `name` whose "targets" are documents_fn(split), byte-tokenised.
+class TokenizerVocabulary(seqio.Vocabulary):
+  """A seqio vocabulary that encodes with a Hugging Face tokenizer (`data.TextTokenizer`).
+
+  `encode` is `TextTokenizer.encode` (UTF-8 decoding of the document bytes, the tokenizer's own
+  special tokens, no EOS); seqio's `append_eos` then adds `eos_id`. In TensorFlow it runs the same
+  Python encoder through `tf.numpy_function`.
+  """
+
+  def __init__(self, text_tokenizer):
+    super().__init__(extra_ids=0)
+    self._tokenizer = text_tokenizer
+
+  @property
+  def eos_id(self) -> int:
+    return self._tokenizer.eos_id
+
+  @property
+  def unk_id(self):
+    return self._tokenizer.unk_id
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self._tokenizer.vocab_size
+
+  def _encode(self, s):
+    return self._tokenizer.encode(s)
+
+  def _decode(self, ids):
+    return self._tokenizer.decode(ids)
+
+  def _encode_tf(self, s):
+    ids = tf.numpy_function(lambda text: np.asarray(self._tokenizer.encode(text), np.int32), [s],
+                            tf.int32, stateful=False)
+    ids.set_shape([None])
+    return ids
+
+  def _decode_tf(self, ids):
+    text = tf.numpy_function(lambda x: np.array(self._tokenizer.decode(x.tolist()).encode(),
+                                                dtype=object), [ids], tf.string, stateful=False)
+    text.set_shape([])
+    return text
+
+  def __eq__(self, other):
+    return (isinstance(other, TokenizerVocabulary)
+            and other._tokenizer.file == self._tokenizer.file)  # pylint: disable=protected-access
+
+  def __hash__(self):
+    return hash(self._tokenizer.file)
+
+
+def register_task(name: str, documents_fn: Callable[[str], Sequence[bytes]],
+                  vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
+  """(Re-)registers seqio task `name` whose "targets" are documents_fn(split), tokenised.
 
   Registering again replaces the task, so a task always serves the current `documents_fn`.
 
   Args:
     name: the seqio task name.
     documents_fn: split -> raw documents (bytes) in stream order.
+    vocabulary: the tokenisation; default `VOCABULARY` (bytes).
 
   Returns:
-    The registered task; each example is {"targets": int32 [len(document) + 1]} ending in EOS.
+    The registered task; each example is {"targets": int32 [tokens + 1]} ending in EOS.
   """
   def dataset_fn(split: str, shuffle_files: bool) -> tf.data.Dataset:
     del shuffle_files  # Documents are packed in name order; chunks are shuffled later, in NumPy.
@@ -42,7 +98,7 @@ def register_task(name: str, documents_fn: Callable[[str], Sequence[bytes]]) -> 
   return seqio.TaskRegistry.add(
       name,
       source=seqio.FunctionDataSource(dataset_fn, splits=SPLITS),
-      output_features={"targets": seqio.Feature(VOCABULARY, add_eos=True)},
+      output_features={"targets": seqio.Feature(vocabulary or VOCABULARY, add_eos=True)},
       preprocessors=[
           functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
           seqio.preprocessors.append_eos,

@@ -28,7 +28,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax import checkpoint, data, sharding, train  # noqa: E402
@@ -89,13 +88,10 @@ def load_params(workdir: str, step: int | None = None) -> LoadedModel:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint.")
-    item = {"params": checkpoint.abstract_like(target)}
     router_state = train.init_router_state(config, single_device_mesh())
-    if router_state:
-      item["router_state"] = checkpoint.abstract_like(router_state)
-    restored = ckpt.manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
+    restored = ckpt.restore_params(
+        step, checkpoint.abstract_like(target),
+        checkpoint.abstract_like(router_state) if router_state else None)
   finally:
     ckpt.close()
   return LoadedModel(config, graphdef, restored["params"], int(step),

@@ -6,15 +6,24 @@ variables (auxiliary-loss-free bias, ReMoE's L1 coefficient; `moe_jax.router_sta
 optimizer never sees; models without them have none. The training state is a plain pytree
 {"step", "params", "opt_state"[, "router_state"]} that orbax saves and restores. Batch number s is a pure function of
 s (see `data.TokenDataset.train_batch`), so a resumed run sees exactly the batches it would have seen.
+
+Fine-tuning (`config.init`, configs/finetune.py): with `init.hf_path` (a Hugging Face checkpoint)
+or `init.workdir` (a converted or trained workdir) the model section comes from that checkpoint
+(`resolve_config`), the parameters are loaded from it onto the training mesh instead of the random
+init, and the optimizer starts fresh at step 0; a workdir that already holds checkpoints resumes
+as usual without reading the source's parameters again. `init.freeze_router` /
+`init.freeze_experts` zero the updates of the router / expert parameters (`make_optimizer`).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import os
+import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +41,17 @@ State = dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------- the model
+
+
+def abstract_model(config, mesh):
+  """(graphdef, abstract params (ShapeDtypeStructs with their shardings), param shardings)."""
+  abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(params=config.seed)))
+  graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, RouterState)
+  shardings = sharding.state_shardings(mesh, abstract_params)
+  abstract_params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nnx.to_pure_dict(abstract_params), shardings)
+  return graphdef, abstract_params, shardings
 
 
 def build_model(config, mesh, compiler_options: dict | None = None):
@@ -53,6 +73,184 @@ def build_model(config, mesh, compiler_options: dict | None = None):
   init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(create(), nnx.Param)),
                  out_shardings=shardings)
   return graphdef, init.lower().compile(compiler_options)(), shardings
+
+
+# ------------------------------------------------------------------ starting from a checkpoint
+
+# The `config.init` section (configs/finetune.py); a config without it trains from scratch.
+INIT_DTYPES = ("", "float32", "bfloat16", "float16")
+# Name fragments of the parameters each freeze flag fixes (a path component containing one).
+FREEZE_FRAGMENTS = {"freeze_router": "router", "freeze_experts": "experts"}
+
+
+def init_source(config) -> tuple[str, str] | None:
+  """("hf", path) for `config.init.hf_path`, ("workdir", path) for `init.workdir`, else None.
+
+  Raises:
+    ValueError: both are set.
+  """
+  init = config.get("init")
+  if not init:
+    return None
+  hf_path, workdir = init.get("hf_path") or "", init.get("workdir") or ""
+  if hf_path and workdir:
+    raise ValueError(f"config.init.hf_path={hf_path!r} and config.init.workdir={workdir!r} are "
+                     "both set; give one checkpoint to start from.")
+  if hf_path:
+    return "hf", hf_path
+  if workdir:
+    return "workdir", workdir
+  return None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def _changed_model_fields(model) -> list[str]:
+  """`config.model` fields that differ from configs/default.py's (they would be ignored)."""
+  from moe_jax.hf import common  # pylint: disable=g-import-not-at-top
+
+  ours = _flat(model.to_dict())
+  default = _flat(common.default_experiment_config().model.to_dict())
+  return [f"model.{k}={ours.get(k)!r}" for k in sorted(set(ours) | set(default))
+          if ours.get(k) != default.get(k)]
+
+
+def resolve_config(config):
+  """The config a run trains: with `config.init` naming a checkpoint, the model is the checkpoint's.
+
+  `config.model` is replaced entirely by the checkpoint's model section: the hub config of
+  `init.hf_path` (`moe_jax.hf.api.config_from_hub`, which adds the `hf` section) or the
+  config.json of `init.workdir` (with its `hf` section, if converted). `config.model` itself must
+  keep configs/default.py's values, since it would be ignored; the training-side choices are
+  `init.dtype` ("" = the checkpoint's parameter and compute dtype), `init.remat`, and
+  `init.load_balance_loss_weight` / `init.router_z_loss_weight` (None = the checkpoint's: the hub
+  config's router_aux_loss_coef and no z-loss, or the workdir's values). With `data.tokenizer`
+  empty it becomes the checkpoint's tokenizer: HF_PATH/tokenizer.json or WORKDIR/tokenizer/, when
+  present (a source without one keeps the byte vocabulary, which validation accepts only for a
+  vocabulary of >= 259 ids). A config without a source, or one already resolved (its model is
+  the checkpoint's), is returned as it is (a copy, when resolved).
+
+  Raises:
+    ValueError: both sources, a changed `config.model`, or an unsupported checkpoint config
+      (`moe_jax.hf.UnsupportedConfigError`); FileNotFoundError: no config.json at the source.
+  """
+  source = init_source(config)
+  if source is None:
+    return config
+  kind, path = source
+  init = config.init
+  dtype = init.get("dtype") or None
+  if kind == "hf":
+    from moe_jax.hf import api  # pylint: disable=g-import-not-at-top
+
+    imported = api.config_from_hub(api.read_hub_config(path), dtype=dtype)
+    model, hf = imported.model, imported.hf
+    tokenizer_dir = path
+  else:
+    from moe_jax import sample  # pylint: disable=g-import-not-at-top  (sample imports train)
+
+    saved = sample.load_config(path)
+    model, hf = saved.model, saved.get("hf")
+    if dtype:
+      model.dtype = model.param_dtype = dtype
+    tokenizer_dir = os.path.join(path, "tokenizer")
+  if init.get("remat"):
+    model.remat = True
+  for name in ("load_balance_loss_weight", "router_z_loss_weight"):
+    if init.get(name) is not None:
+      model.moe[name] = float(init[name])
+  # A resolved config (e.g. a fine-tuning workdir's config.json) resolves to itself.
+  if _flat(config.model.to_dict()) != _flat(model.to_dict()):
+    changed = _changed_model_fields(config.model)
+    if changed:
+      raise ValueError(
+          f"config.init.{'hf_path' if kind == 'hf' else 'workdir'}={path!r} gives the model "
+          "section, so config.model must keep configs/default.py's values; changed: "
+          f"{', '.join(changed)}. Set training-side options in config.init (dtype, remat, "
+          "load_balance_loss_weight, router_z_loss_weight).")
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    resolved.model = model
+    if hf is not None:
+      resolved.hf = copy.deepcopy(hf)
+    if (not resolved.data.get("tokenizer")
+        and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json"))):
+      resolved.data.tokenizer = tokenizer_dir
+  return resolved
+
+
+def frozen_fragments(config) -> tuple[str, ...]:
+  """Name fragments of the frozen parameters (`config.init.freeze_*`); () when none."""
+  init = config.get("init") or {}
+  return tuple(fragment for flag, fragment in FREEZE_FRAGMENTS.items() if init.get(flag, False))
+
+
+def param_labels(params, frozen: Sequence[str]):
+  """"frozen" for every parameter with a path component containing a fragment of `frozen`
+  (router: blocks/i/ffn/router/*; experts: the routed and shared experts), else "trained"."""
+  def label(path, _):
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return "frozen" if any(f in name for name in names for f in frozen) else "trained"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory))
+
+
+def params_from_source(config, mesh) -> tuple[Any, dict, Any, dict]:
+  """(graphdef, params, param_shardings, router_state) read from `config.init`'s checkpoint.
+
+  The parameters are placed with the training shardings as they are read (no random init):
+  `moe_jax.hf.api.load_params` for `init.hf_path`; for `init.workdir` the params (and router
+  state, when the model has any) of its latest checkpoint, in `config.model.param_dtype`.
+  """
+  kind, path = init_source(config)
+  graphdef, abstract, shardings = abstract_model(config, mesh)
+  router_state = init_router_state(config, mesh)
+  if kind == "hf":
+    from moe_jax.hf import api  # pylint: disable=g-import-not-at-top
+
+    params = api.load_params(path, config, mesh)
+    params = jax.tree.map(jax.device_put, params, shardings)  # a no-op where already placed
+    return graphdef, params, shardings, router_state
+  if not _has_checkpoint(path):
+    raise FileNotFoundError(f"config.init.workdir={path!r} holds no checkpoint.")
+  ckpt = checkpoint.Checkpointer(path, keep=config.train.keep_checkpoints)
+  try:
+    step = ckpt.latest_step()
+    restored = ckpt.restore_params(
+        step, abstract, checkpoint.abstract_like(router_state) if router_state else None)
+  finally:
+    ckpt.close()
+  logging.info("Read the parameters of step %d of %s.", step, path)
+  return graphdef, restored["params"], shardings, restored.get("router_state", router_state)
+
+
+def copy_tokenizer(tokenizer: str, workdir: str) -> None:
+  """Copies data.tokenizer's files to WORKDIR/tokenizer/ (read by moe_jax.sample and convert)."""
+  from moe_jax.hf import tokenizer as hf_tokenizer  # pylint: disable=g-import-not-at-top
+
+  file = data.tokenizer_file(tokenizer)
+  target = os.path.join(workdir, "tokenizer")
+  if os.path.isfile(os.path.join(target, "tokenizer.json")) and os.path.samefile(
+      os.path.join(target, "tokenizer.json"), file):
+    return
+  if os.path.basename(file) == "tokenizer.json":
+    hf_tokenizer.copy_tokenizer_files(os.path.dirname(file), target)
+  else:
+    os.makedirs(target, exist_ok=True)
+    shutil.copyfile(file, os.path.join(target, "tokenizer.json"))
 
 
 def init_router_state(config, mesh) -> dict:
@@ -115,16 +313,24 @@ def make_schedule(train_config, horizon: int | None = None) -> optax.Schedule:
   raise ValueError(f"train.schedule={kind!r} is not one of {SCHEDULES}.")
 
 
-def make_optimizer(train_config, horizon: int | None = None
+def make_optimizer(train_config, horizon: int | None = None, *, frozen: Sequence[str] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW on `make_schedule(train_config, horizon)` with global-norm clipping; decay on matrices."""
+  """AdamW on `make_schedule(train_config, horizon)` with global-norm clipping; decay on matrices.
+
+  `frozen`: name fragments (`param_labels`) of parameters whose updates are zero
+  (`optax.set_to_zero`: they stay bit-identical, hold no Adam moments and do not count in the
+  clipping norm); see `frozen_fragments`.
+  """
   schedule = make_schedule(train_config, horizon)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-  adamw = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
-                      weight_decay=train_config.weight_decay, mask=decay_mask)
+  tx = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                   weight_decay=train_config.weight_decay, mask=decay_mask)
   if train_config.grad_clip_norm:
-    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), adamw), schedule
-  return adamw, schedule
+    tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
+  if frozen:
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(param_labels, frozen=tuple(frozen)))
+  return tx, schedule
 
 
 def resumed_horizon(train_config, saved: int | None, step: int) -> tuple[int, str]:
@@ -167,11 +373,15 @@ def fresh_state(config, mesh, tx, compiler_options: dict | None = None) -> tuple
 
 
 def optimizer_shardings(tx, params, param_shardings, mesh):
-  """Optimizer-state shardings: moments shard like their parameters, counters are replicated."""
+  """Optimizer-state shardings: moments shard like their parameters, counters are replicated.
+
+  Frozen parameters (`make_optimizer(frozen=...)`) have no moments: `optax.MaskedNode`s stay.
+  """
   abstract_state = jax.eval_shape(tx.init, params)
-  return optax.tree_map_params(tx, lambda _, param_sharding: param_sharding, abstract_state,
-                               param_shardings,
-                               transform_non_params=lambda _: sharding.replicated(mesh))
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return optax.tree_map_params(
+      tx, lambda leaf, param_sharding: leaf if masked(leaf) else param_sharding, abstract_state,
+      param_shardings, transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
 
 
 # ------------------------------------------------------------------------------------- the steps
@@ -314,7 +524,8 @@ def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_
   """Validation loss over the evaluation sample (`TokenDataset.eval_batches`), with its error bar.
 
   The sample is `config.data.eval_batches` batches of chunks spread over the whole split (every
-  file represented; the whole split when it is smaller); see `mean_and_stderr`.
+  file represented; the whole split when it is smaller); see `mean_and_stderr`. Bits per byte
+  divide by the split's bytes per token (1 for the byte vocabulary; see `moe_jax.data`).
 
   Returns:
     {"eval/loss", "eval/loss_stderr" (nats/token), "eval/bits_per_byte",
@@ -324,9 +535,10 @@ def evaluate(params, eval_dataset: data.TokenDataset, config, *, eval_fn, batch_
                                           batch_sharding=batch_sharding,
                                           router_state=router_state)
   loss, stderr = mean_and_stderr(ce_sums, weight_sums)
+  bytes_per_token = getattr(eval_dataset, "bytes_per_token", 1.0)
   return {"eval/loss": loss, "eval/loss_stderr": stderr,
-          "eval/bits_per_byte": data.bits_per_byte(loss),
-          "eval/bits_per_byte_stderr": data.bits_per_byte(stderr),
+          "eval/bits_per_byte": data.bits_per_byte(loss, bytes_per_token),
+          "eval/bits_per_byte_stderr": data.bits_per_byte(stderr, bytes_per_token),
           "eval/batches": len(ce_sums), "eval/tokens": int(weight_sums.sum())}
 
 
@@ -344,8 +556,10 @@ def train_and_evaluate(config, workdir: str, *,
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics.
 
   Args:
-    config: the experiment ConfigDict (configs/default.py).
-    workdir: checkpoints, config.json and TensorBoard summaries go here.
+    config: the experiment ConfigDict (configs/default.py; with `init`, configs/finetune.py and
+      `resolve_config`: WORKDIR/config.json then holds the checkpoint's model section).
+    workdir: checkpoints, config.json and TensorBoard summaries go here (and tokenizer/, a copy
+      of `data.tokenizer`'s files).
     step_callback: called as step_callback(step, metrics) after every step with the host metrics
       (tests use it to record losses and to simulate preemption).
 
@@ -357,18 +571,39 @@ def train_and_evaluate(config, workdir: str, *,
     than two steps ran)}.
   """
   validate_config(config)
+  requested_tokenizer = config.data.get("tokenizer", "")
+  config = resolve_config(config)
+  source = init_source(config)
+  if source is not None:
+    logging.info("Model section from %s %s: %s (%s, vocabulary %d).", *source,
+                 config.get("hf", {}).get("model_type", "a workdir model"),
+                 config.model.param_dtype, config.model.vocab_size)
+    if config.data.get("tokenizer") != requested_tokenizer:
+      logging.info("data.tokenizer defaults to the checkpoint's: %s.", config.data.tokenizer)
+    if source[0] == "workdir" and os.path.abspath(source[1]) == os.path.abspath(workdir):
+      raise ValueError(f"config.init.workdir={source[1]!r} is the workdir itself; fine-tune into "
+                       "a new workdir (rerunning the same command resumes it).")
   mesh = sharding.make_mesh(config.mesh)
   # Data first: a bad path or task fails before the workdir is touched.
   train_data = data.load_dataset(config.data, "train")
   eval_data = data.load_dataset(config.data, "validation")
   # Built outside the mesh context: under a mesh, nnx.eval_shape reads logical names as mesh axes.
-  graphdef, params, param_shardings = build_model(config, mesh)
-  router_state = init_router_state(config, mesh)
+  if source is not None and not _has_checkpoint(workdir):
+    graphdef, params, param_shardings, router_state = params_from_source(config, mesh)
+    logging.info("Initialised from %s %s; the optimizer starts fresh at step 0.", *source)
+  else:
+    if source is not None:
+      logging.info("%s holds checkpoints: resuming (config.init's parameters are not read).",
+                   workdir)
+    graphdef, params, param_shardings = build_model(config, mesh)
+    router_state = init_router_state(config, mesh)
   corpus = data.corpus_fingerprint(config.data)
   logging.info("Corpus %s.", data.describe_fingerprint(corpus))
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     write_config(config, workdir, corpus)
+    if config.data.get("tokenizer"):
+      copy_tokenizer(config.data.tokenizer, workdir)
   # The mesh in context lets layers with manual collectives (expert parallelism) find their axes.
   with jax.set_mesh(mesh):
     result = _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params,
@@ -386,14 +621,22 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
                eval_chunks, len(eval_data),
                "the whole split" if eval_chunks == len(eval_data) else
                f"{config.data.eval_batches} batches of {config.data.batch_size}")
-  logging.info("Data %s: %d train / %d validation sequences of %d tokens; train unigram entropy "
-               "%.3f bits/byte (the loss a context-free model reaches).", config.data.task,
-               len(train_data), len(eval_data), config.data.seq_len,
-               train_data.unigram_entropy_bits())
+  logging.info("Data %s: %d train / %d validation sequences of %d tokens (%.3g bytes/token); train "
+               "unigram entropy %.3f bits/byte (the loss a context-free model reaches).",
+               config.data.task, len(train_data), len(eval_data), config.data.seq_len,
+               train_data.bytes_per_token,
+               train_data.unigram_entropy_bits() / train_data.bytes_per_token)
 
   logging.info("Model: %s parameters.", f"{count_params(params):,}")
+  frozen = frozen_fragments(config)
+  if frozen:
+    labels = jax.tree.leaves(param_labels(params, frozen))
+    num_frozen = sum(x.size for x, label in zip(jax.tree.leaves(params), labels)
+                     if label == "frozen")
+    logging.info("Frozen (zero updates): parameters named *%s*: %s of %s parameters.",
+                 "* / *".join(frozen), f"{num_frozen:,}", f"{count_params(params):,}")
   horizon = schedule_horizon(config.train)
-  tx, schedule = make_optimizer(config.train, horizon)
+  tx, schedule = make_optimizer(config.train, horizon, frozen=frozen)
   opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_shardings,
                                                                mesh))(params)
   replicated_int = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), sharding.replicated(mesh))
@@ -424,7 +667,7 @@ def _train_loop(config, workdir, mesh, train_data, eval_data, graphdef, params, 
     logging.info("Learning-rate schedule %r: %s.", config.train.get("schedule", "cosine"), message)
     if horizon != saved_horizon:
       state["schedule_horizon"] = replicated_int(horizon)
-    tx, schedule = make_optimizer(config.train, horizon)  # same state structure, new horizon
+    tx, schedule = make_optimizer(config.train, horizon, frozen=frozen)  # same structure
   else:
     logging.info("Learning-rate schedule %r over %d steps.", config.train.get("schedule", "cosine"),
                  horizon)

@@ -29,12 +29,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.experts import fuse_gate_up
-from moe_jax.models.transformer import Transformer, is_moe_layer
+from moe_jax.models import rope
+from moe_jax.models.transformer import Transformer, moe_layer_indices
 
 Params = dict[str, Any]
 
 _SHARED_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "activation",
                   "tie_embeddings", "mlp_dim")
+# Attention, embedding and norm fields that must match too, with the value a config written before
+# the field existed means (an imported Llama / Qwen3 sets them; the MoE config inherits them).
+_SHARED_FIELDS_WITH_DEFAULTS = {
+    "num_kv_heads": 0, "qk_norm": "none", "attention_bias": False, "attention_out_bias": False,
+    "clip_qkv": None, "sliding_window": 0, "rope_base": 10_000.0, "rope_interleaved": False,
+    "norm_eps": 1e-6, "scale_tied_logits": True, "causal": True}
+
+
+def _shared_value(model, field):
+  value = model.get(field, _SHARED_FIELDS_WITH_DEFAULTS.get(field))
+  if field == "num_kv_heads":
+    return value or model.num_heads  # 0 = one key/value head per query head
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  return value
+
+
+def _rope_scaling(model) -> dict:
+  scaling = model.get("rope_scaling")
+  if scaling is None or scaling.get("kind", "none") == "none":
+    scaling = rope.default_scaling()
+  return scaling.to_dict() if hasattr(scaling, "to_dict") else dict(scaling)
 
 
 def _model_config(config):
@@ -45,19 +68,32 @@ def _model_config(config):
 def check_compatible(dense_config, moe_config) -> None:
   """Raises ValueError listing every field that keeps `dense_config` from upcycling to `moe_config`.
 
-  Both may be experiment configs or their `.model`. The models must share every non-FFN shape;
-  the dense model must be dense (moe_every=0), the MoE model must have MoE layers, no shared
-  experts, and expert_hidden_dim equal to the dense mlp_dim (each expert is a copy of the MLP).
+  Both may be experiment configs or their `.model`. The models must share every non-FFN shape and
+  every attention, RoPE and norm setting (grouped-query heads, qk-norm, biases, clip_qkv, sliding
+  window, RoPE base / scaling / interleaving, norm eps, tied-logit scaling, causality); the dense
+  model must be dense (no MoE layer), the MoE model must have MoE layers
+  (`moe_layer_indices`), no shared experts, and expert_hidden_dim equal to the dense mlp_dim
+  (each expert is a copy of the MLP).
   """
   dense, moe = _model_config(dense_config), _model_config(moe_config)
   problems = []
   for field in _SHARED_FIELDS:
     if dense[field] != moe[field]:
       problems.append(f"model.{field}: dense {dense[field]!r} != MoE {moe[field]!r} (must match).")
-  if dense.moe_every != 0:
-    problems.append(f"dense model.moe_every={dense.moe_every}; the source must be dense (0).")
-  if moe.moe_every <= 0:
-    problems.append(f"MoE model.moe_every={moe.moe_every}; allowed: >= 1 (some MoE layers).")
+  for field in _SHARED_FIELDS_WITH_DEFAULTS:
+    if _shared_value(dense, field) != _shared_value(moe, field):
+      problems.append(f"model.{field}: dense {dense.get(field)!r} != MoE {moe.get(field)!r} "
+                      "(must match).")
+  if _rope_scaling(dense) != _rope_scaling(moe):
+    problems.append(f"model.rope_scaling: dense {_rope_scaling(dense)} != MoE "
+                    f"{_rope_scaling(moe)} (must match).")
+  if moe_layer_indices(dense):
+    problems.append(f"dense model has MoE layers {list(moe_layer_indices(dense))} (moe_every="
+                    f"{dense.moe_every}, moe_layers={dense.get('moe_layers')}); the source must "
+                    "be dense (moe_every=0).")
+  if not moe_layer_indices(moe):
+    problems.append(f"MoE model.moe_every={moe.moe_every} (moe_layers={moe.get('moe_layers')}) "
+                    "gives no MoE layer; allowed: moe_every >= 1 or explicit moe_layers.")
   if moe.moe.expert_hidden_dim != dense.mlp_dim:
     problems.append(
         f"model.moe.expert_hidden_dim={moe.moe.expert_hidden_dim} must equal the dense "
@@ -100,7 +136,7 @@ def _dense_counterpart(dense_ffn: Params, name: str) -> jax.Array:
   return dense_ffn[name]
 
 
-def _map_tree(dense: Params, template: Params, moe_every: int, expert_fn, router_fn) -> Params:
+def _map_tree(dense: Params, template: Params, moe_layers, expert_fn, router_fn) -> Params:
   """Builds a tree shaped like `template` (MoE params) from `dense` (dense params).
 
   expert_fn(name, dense_weight, template_leaf, layer) -> [E, ...] expert weights;
@@ -113,7 +149,7 @@ def _map_tree(dense: Params, template: Params, moe_every: int, expert_fn, router
     block = {key: _copy(dense_block[key], sub, f"blocks/{i}/{key}")
              for key, sub in block_template.items() if key != "ffn"}
     ffn_template = block_template["ffn"]
-    if is_moe_layer(int(i), moe_every):
+    if int(i) in moe_layers:
       dense_ffn = dense_block["ffn"]
       experts = {name: expert_fn(name, _dense_counterpart(dense_ffn, name), leaf, int(i))
                  for name, leaf in ffn_template["experts"].items()}
@@ -169,7 +205,8 @@ def upcycle_params(dense_params: Params, dense_config, moe_config, *, noise_std:
     key = jax.random.fold_in(router_rng, layer)
     return (router_init_std * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
 
-  return _map_tree(dense_params, template, moe_model.moe_every, expert_fn, router_fn)
+  return _map_tree(dense_params, template, set(moe_layer_indices(moe_model)), expert_fn,
+                   router_fn)
 
 
 def _checked(value: jax.Array, leaf, where: str) -> jax.Array:
@@ -202,7 +239,8 @@ def upcycle_opt_state(dense_opt_state: Any, moe_opt_state: Any, dense_config, mo
 
   def walk(dense, template):
     if isinstance(template, dict) and set(template) == param_keys:
-      return _map_tree(dense, template, moe_model.moe_every, expert_fn, router_fn)
+      return _map_tree(dense, template, set(moe_layer_indices(moe_model)), expert_fn,
+                       router_fn)
     if isinstance(template, dict):
       return {key: walk(dense[key], sub) for key, sub in template.items()}
     if isinstance(template, tuple):

@@ -76,6 +76,8 @@ def validate_config(config, num_devices: int | None = None) -> None:
   import pallas_kernels  # the backend list lives with the kernels
 
   problems: list[str] = []
+  # With config.init naming a checkpoint, the rest is checked on the model it gives.
+  config = _check_init(problems, config)
   check = lambda path, allowed, predicate: _check(problems, config, path, allowed, predicate)
 
   for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "mlp_dim", "max_len"):
@@ -122,8 +124,13 @@ def validate_config(config, num_devices: int | None = None) -> None:
   check("data.eval_batches", "a positive integer", _positive_int)
   if config.data.get("task") == "text_files":
     check("data.path", "a non-empty glob of text files (needed by task 'text_files')", bool)
-  check("model.vocab_size", "at least 259 (byte vocabulary: 256 bytes + pad, eos, unk)",
-        lambda v: v >= 259)
+  tokenizer = config.data.get("tokenizer", "") or ""
+  if tokenizer:
+    _check_tokenizer(problems, config, tokenizer)
+  else:
+    check("model.vocab_size", "at least 259 (byte vocabulary: 256 bytes + pad, eos, unk); a model "
+          "with its own vocabulary needs data.tokenizer=PATH (its tokenizer.json)",
+          lambda v: v >= 259)
   _check_objective(problems, config)
 
   for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -138,6 +145,74 @@ def validate_config(config, num_devices: int | None = None) -> None:
   _check_mesh(problems, config, num_devices)
   if problems:
     raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _check_init(problems: list[str], config):
+  """`config.init` (configs/finetune.py): its fields, and the model its checkpoint gives.
+
+  Returns the config to validate further: `train.resolve_config(config)` (the checkpoint's model
+  section), or `config` itself when there is no source or it cannot be read (a problem then).
+  """
+  init = config.get("init")
+  if init is None:
+    return config
+  from moe_jax import train  # pylint: disable=g-import-not-at-top
+  from moe_jax.models.transformer import moe_layer_indices  # pylint: disable=g-import-not-at-top
+
+  def check(name, allowed, predicate):
+    if name in init:
+      _check(problems, init, name, allowed, predicate)
+
+  start = len(problems)
+  check("hf_path", "a string ('' = none): a Hugging Face checkpoint directory",
+        lambda v: isinstance(v, str))
+  check("workdir", "a string ('' = none): a converted or trained workdir",
+        lambda v: isinstance(v, str))
+  for name in ("freeze_router", "freeze_experts", "remat"):
+    check(name, "True or False", lambda v: isinstance(v, bool))
+  check("dtype", f"one of {train.INIT_DTYPES} ('' = the checkpoint's)",
+        lambda v: v in train.INIT_DTYPES)
+  for name in ("load_balance_loss_weight", "router_z_loss_weight"):
+    check(name, "None (= the checkpoint's) or a number >= 0",
+          lambda v: v is None or _nonnegative_number(v))
+  problems[start:] = [p.replace("config.", "config.init.", 1) for p in problems[start:]]
+  if len(problems) > start:
+    return config
+  try:
+    resolved = train.resolve_config(config)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    problems.append(f"config.init: {e}")
+    return config
+  frozen = [f for f in train.FREEZE_FRAGMENTS if init.get(f, False)]
+  if frozen and not moe_layer_indices(resolved.model):
+    problems.append(f"config.init.{frozen[0]}=True is invalid for a model without MoE layers; "
+                    "allowed: False (there is no router or expert to freeze).")
+  return resolved
+
+
+def _check_tokenizer(problems: list[str], config, tokenizer) -> None:
+  """`data.tokenizer`: a loadable tokenizer.json with an EOS id, whose every id the model holds."""
+  if not isinstance(tokenizer, str):
+    problems.append(f"config.data.tokenizer={tokenizer!r} is invalid; allowed: '' (bytes) or a "
+                    "path to a tokenizer.json or a directory holding one.")
+    return
+  try:
+    tok = data.text_tokenizer(tokenizer)
+  except ImportError as e:
+    problems.append(f"config.data.tokenizer={tokenizer!r} needs the `tokenizers` package ({e}).")
+    return
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers raises plain Exceptions)
+    problems.append(f"config.data.tokenizer={tokenizer!r} is invalid: {e}")
+    return
+  vocab = config.model.get("vocab_size")
+  if _positive_int(vocab) and tok.vocab_size > vocab:
+    problems.append(f"config.model.vocab_size={vocab} is smaller than the vocabulary of "
+                    f"config.data.tokenizer={tokenizer!r} ({tok.vocab_size} ids); allowed: "
+                    f"model.vocab_size >= {tok.vocab_size}.")
+  if config.data.get("objective", "lm") != "lm":
+    problems.append(f"config.data.objective={config.data.objective!r} is invalid with "
+                    f"config.data.tokenizer={tokenizer!r}; allowed: 'lm' (the masked objective "
+                    f"needs the byte vocabulary's [MASK] id {data.MASK_ID}).")
 
 
 def _check_attention(problems: list[str], model) -> None:
@@ -155,8 +230,11 @@ def _check_attention(problems: list[str], model) -> None:
   check("num_kv_heads", f"0 (= num_heads) or a positive divisor of num_heads={heads}",
         lambda v: v == 0 or (_positive_int(v) and _positive_int(heads) and heads % v == 0))
   check("qk_norm", f"one of {attention.QK_NORMS}", lambda v: v in attention.QK_NORMS)
+  check("attention", "one of ('mha', 'mla')", lambda v: v in ("mha", "mla"))
   check("clip_qkv", "None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
   check("sliding_window", "an integer >= 0 (0 = no window)", _nonnegative_int)
+  check("sliding_window_layers", f"None or layer indices in [0, num_layers={model.get('num_layers')})",
+        lambda v: v is None or all(isinstance(i, int) and 0 <= i < model.num_layers for i in v))
   layers = model.get("num_layers")
   check("moe_layers", f"None or distinct layer indices in [0, num_layers={layers})",
         lambda v: v is None or (all(isinstance(i, int) and 0 <= i < layers for i in v)
