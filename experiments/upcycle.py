@@ -69,21 +69,24 @@ from moe_jax.upcycle import abstract_params, check_compatible  # noqa: E402
 from moe_jax.upcycle import upcycle_opt_state, upcycle_params  # noqa: E402
 from moe_jax.validation import validate_config  # noqa: E402
 
-_DENSE_WORKDIR = flags.DEFINE_string("dense_workdir", None, "Dense training workdir (the source).")
-_DENSE_HF = flags.DEFINE_string(
-    "dense_hf", None, "Or a dense Hugging Face checkpoint directory (Llama, Qwen3) as the source.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output: moe/, dense_continued/, results table.")
-_DENSE_CONFIG = config_flags.DEFINE_config_file(
-    "dense_config", None, "Config to train the dense model with when --dense_workdir is empty; "
-    "with --dense_hf, the data / train / mesh sections of both runs (default "
-    "configs/finetune.py).")
-_EXTRA_STEPS = flags.DEFINE_integer("extra_steps", 200, "Steps both models train past step S.")
-_NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts E per MoE layer.")
-_TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token K (>= 2 keeps the dense function).")
-_MOE_EVERY = flags.DEFINE_integer("moe_every", 2, "Every n-th FFN becomes an MoE layer.")
-_NOISE_STD = flags.DEFINE_float("noise_std", 0.0, "Relative noise on the expert copies.")
-_ROUTER_INIT_STD = flags.DEFINE_float("router_init_std", 0.02, "Std of the router's normal init.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the router init and the noise.")
+def _define_flags():
+  # Defined only when run as a script, so that tests can import this module next to other
+  # scripts' flags (bench_gmm's --seed, say).
+  flags.DEFINE_string("dense_workdir", None, "Dense training workdir (the source).")
+  flags.DEFINE_string(
+      "dense_hf", None, "Or a dense Hugging Face checkpoint directory (Llama, Qwen3) as the source.")
+  flags.DEFINE_string("workdir", None, "Output: moe/, dense_continued/, results table.")
+  config_flags.DEFINE_config_file(
+      "dense_config", None, "Config to train the dense model with when --dense_workdir is empty; "
+      "with --dense_hf, the data / train / mesh sections of both runs (default "
+      "configs/finetune.py).")
+  flags.DEFINE_integer("extra_steps", 200, "Steps both models train past step S.")
+  flags.DEFINE_integer("num_experts", 8, "Experts E per MoE layer.")
+  flags.DEFINE_integer("top_k", 2, "Experts per token K (>= 2 keeps the dense function).")
+  flags.DEFINE_integer("moe_every", 2, "Every n-th FFN becomes an MoE layer.")
+  flags.DEFINE_float("noise_std", 0.0, "Relative noise on the expert copies.")
+  flags.DEFINE_float("router_init_std", 0.02, "Std of the router's normal init.")
+  flags.DEFINE_integer("seed", 0, "Seed of the router init and the noise.")
 
 
 def moe_config_from_dense(dense_config, *, num_experts: int, top_k: int,
@@ -260,30 +263,30 @@ def results_table(rows: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  dense_workdir, dense_hf, workdir = _DENSE_WORKDIR.value, _DENSE_HF.value, _WORKDIR.value
+  dense_workdir, dense_hf, workdir = flags.FLAGS.dense_workdir, flags.FLAGS.dense_hf, flags.FLAGS.workdir
   if bool(dense_workdir) == bool(dense_hf) or not workdir:
     raise app.UsageError("--workdir and one of --dense_workdir or --dense_hf are required.")
-  if _EXTRA_STEPS.value < 1:
-    raise app.UsageError(f"--extra_steps={_EXTRA_STEPS.value}; allowed: >= 1.")
+  if flags.FLAGS.extra_steps < 1:
+    raise app.UsageError(f"--extra_steps={flags.FLAGS.extra_steps}; allowed: >= 1.")
   times = {}
-  sizes = dict(num_experts=_NUM_EXPERTS.value, top_k=_TOP_K.value, moe_every=_MOE_EVERY.value)
+  sizes = dict(num_experts=flags.FLAGS.num_experts, top_k=flags.FLAGS.top_k, moe_every=flags.FLAGS.moe_every)
   if dense_hf:
     try:
-      dense_config = dense_hf_config(dense_hf, _DENSE_CONFIG.value or finetune.get_config())
+      dense_config = dense_hf_config(dense_hf, flags.FLAGS.dense_config or finetune.get_config())
     except (ValueError, FileNotFoundError) as e:
       raise app.UsageError(str(e)) from None
     moe_config = moe_config_from_dense_hf(dense_config, **sizes)
     # Step S = 0: both runs lay their schedule over the extra steps (saved with the MoE's state).
-    dense_config.train.steps = moe_config.train.steps = _EXTRA_STEPS.value
+    dense_config.train.steps = moe_config.train.steps = flags.FLAGS.extra_steps
   else:
     has_checkpoint = os.path.isdir(os.path.join(dense_workdir, "checkpoints")) and any(
         s.isdigit() for s in os.listdir(os.path.join(dense_workdir, "checkpoints")))
     if not has_checkpoint:
-      if _DENSE_CONFIG.value is None:
+      if flags.FLAGS.dense_config is None:
         raise app.UsageError(f"{dense_workdir} holds no checkpoint; pass --dense_config to train "
                              "it.")
       start = time.perf_counter()
-      train.train_and_evaluate(_DENSE_CONFIG.value, dense_workdir)
+      train.train_and_evaluate(flags.FLAGS.dense_config, dense_workdir)
       times["dense"] = time.perf_counter() - start
     dense_config = load_config(dense_workdir)
     moe_config = moe_config_from_dense(dense_config, **sizes)
@@ -301,8 +304,8 @@ def main(argv):
     with open(start_file) as f:
       start_evals = json.load(f)
   else:
-    upcycle_args = dict(noise_std=_NOISE_STD.value, router_init_std=_ROUTER_INIT_STD.value,
-                        seed=_SEED.value)
+    upcycle_args = dict(noise_std=flags.FLAGS.noise_std, router_init_std=flags.FLAGS.router_init_std,
+                        seed=flags.FLAGS.seed)
     try:
       if dense_hf:
         start_evals = upcycle_hf_checkpoint(dense_hf, moe_dir, dense_config, moe_config,
@@ -315,7 +318,7 @@ def main(argv):
     with open(start_file, "w") as f:
       json.dump(start_evals, f, indent=2)
   step = start_evals["step"]
-  final_step = step + _EXTRA_STEPS.value
+  final_step = step + flags.FLAGS.extra_steps
   logging.info("Upcycled step %d: dense %s, MoE %s", step, start_evals["dense"],
                start_evals["moe"])
 
@@ -355,7 +358,7 @@ def main(argv):
   ]
   moe = moe_config.model.moe
   header = (
-      f"# Sparse upcycling: {dense_workdir or dense_hf} (step {step}) + {_EXTRA_STEPS.value} "
+      f"# Sparse upcycling: {dense_workdir or dense_hf} (step {step}) + {flags.FLAGS.extra_steps} "
       "steps\n\n"
       f"Date {datetime.date.today()}, JAX {jax.__version__}, {jax.device_count()} "
       f"{jax.default_backend()} device(s) ({platform.processor() or platform.machine()}, "
@@ -363,7 +366,7 @@ def main(argv):
       f"{dense_config.data.batch_size} x {dense_config.data.seq_len} tokens.\n\n"
       f"MoE: moe_every={moe_config.model.moe_every}, {moe.num_experts} experts of hidden "
       f"{moe.expert_hidden_dim} (= dense mlp_dim), top-{moe.top_k} renormalised, dropless; "
-      f"noise_std {_NOISE_STD.value}, router init N(0, {_ROUTER_INIT_STD.value}^2); optimizer "
+      f"noise_std {flags.FLAGS.noise_std}, router init N(0, {flags.FLAGS.router_init_std}^2); optimizer "
       f"state {'fresh (a Hugging Face source)' if dense_hf else 'upcycled'}. Learning rate: "
       f"{dense_config.train.get('schedule', 'cosine')} schedule "
       f"over the dense run's horizon of {train.schedule_horizon(dense_config.train)} steps, "
@@ -381,5 +384,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)
