@@ -42,6 +42,8 @@ took 0.54).
   balance_scope  6 runs x 400 steps, plus the routing analysis (about 10 s a run): 18 min
   encoder        21 runs x 300 steps: 3 x (300 x 0.34 x 7.7 + 7 x 30) s = 50 min
   all four: about 2 h 35 min alone on the two cores; proportionally longer while they are shared.
+  Measured 2026-12-02 (2 cores shared with test jobs): experts 29 min, granularity 31 min,
+  balance_scope 18 min, encoder 45 min: 2 h 3 min in all (RESULTS.md).
 Every study resumes where it stopped: rerun the same command (finished runs are reused, a run
 stopped by SIGTERM resumes from its checkpoint).
 """
