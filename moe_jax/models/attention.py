@@ -31,6 +31,15 @@ QK_NORMS = ("none", "head", "projection")
 LayerCache = dict[str, jax.Array]
 
 
+def output_projection(heads: jax.Array, w_o: nnx.Param, b_o: nnx.Param | None, dtype) -> jax.Array:
+  """Per-head outputs [B, Q, H, Dv] through w_o [H, Dv, D] (+ b_o [D]), f32-accumulated: [B, Q, D]."""
+  y = jnp.einsum("bqhk,hkd->bqd", heads, w_o[...].astype(dtype),
+                 preferred_element_type=jnp.float32)
+  if b_o is not None:
+    y = y + b_o[...].astype(jnp.float32)
+  return y.astype(dtype)
+
+
 class Attention(nnx.Module):
   """Self-attention [B, S, D] -> [B, S, D]; causal unless `causal=False`.
 
@@ -151,11 +160,7 @@ class Attention(nnx.Module):
       probs = probs[..., :-1].astype(self.dtype)
     out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v).reshape(batch, queries, self.num_heads,
                                                              self.head_dim)
-    y = jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    if self.b_o is not None:
-      y = y + self.b_o[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return output_projection(out, self.w_o, self.b_o, self.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     q, k, v = self.qkv(x, positions)

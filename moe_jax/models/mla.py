@@ -21,6 +21,7 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.models import rope as rope_lib
+from moe_jax.models.attention import output_projection
 from moe_jax.models.norms import RMSNorm
 
 LayerCache = dict[str, jax.Array]
@@ -140,11 +141,7 @@ class MultiHeadLatentAttention(nnx.Module):
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    y = jnp.einsum("bqhk,hkd->bqd", out, self.w_o[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32)
-    if self.b_o is not None:
-      y = y + self.b_o[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    return output_projection(out, self.w_o, self.b_o, self.dtype)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     seq = jnp.arange(x.shape[1])
