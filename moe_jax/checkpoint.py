@@ -24,10 +24,22 @@ def abstract_like(state: Any) -> Any:
 class Checkpointer:
   """Saves and restores the training state under `<workdir>/checkpoints/<step>`."""
 
-  def __init__(self, workdir: str, *, keep: int):
+  def __init__(self, workdir: str, *, keep: int, write_limit_bytes: int | None = None):
+    """`write_limit_bytes`: at most this many bytes of the state in flight to disk at once (it
+    must cover the largest array). Orbax otherwise copies the whole state into write buffers
+    before writing; with a limit a save holds only that much extra host memory (the converter's
+    setting, `moe_jax.convert`). Default: orbax's."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    registry = None
+    if write_limit_bytes is not None:
+      handler = ocp.StandardCheckpointHandler(save_concurrent_gb=write_limit_bytes / 1e9)
+      registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+      registry.add("default", ocp.args.StandardSave, handler)
+      registry.add("default", ocp.args.StandardRestore, handler)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         handler_registry=registry)
+    self.write_limit_bytes = write_limit_bytes
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -37,6 +49,11 @@ class Checkpointer:
 
   def save(self, step: int, state: Any) -> None:
     """Saves asynchronously; call `wait` before reading the files or exiting."""
+    if self.write_limit_bytes is not None:
+      largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+      if largest >= self.write_limit_bytes:  # orbax would fail later, in its writer thread
+        raise ValueError(f"write_limit_bytes={self.write_limit_bytes} must exceed the largest "
+                         f"array of the state ({largest} bytes).")
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, step: int, target: Any) -> Any:

@@ -14,12 +14,24 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 from absl import app, flags, logging
 
 from moe_jax import checkpoint, sample, train
 from moe_jax.hf import api, tokenizer
 
 TOKENIZER_DIR = "tokenizer"
+
+
+# Bytes of parameters in flight to disk at once while saving, beyond the largest parameter.
+WRITE_WINDOW_BYTES = 64 * 2 ** 20
+
+
+def write_limit_bytes(params) -> int:
+  """The save's write window: the largest parameter (orbax refuses a smaller window) plus
+  WRITE_WINDOW_BYTES."""
+  largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return largest + WRITE_WINDOW_BYTES
 
 
 def from_hf(hf_path: str, workdir: str, *, dtype: str | None = None) -> str:
@@ -32,7 +44,8 @@ def from_hf(hf_path: str, workdir: str, *, dtype: str | None = None) -> str:
   params = api.load_params(hf_path, config, mesh)
   os.makedirs(workdir, exist_ok=True)
   train.write_config(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                                 write_limit_bytes=write_limit_bytes(params))
   try:
     ckpt.save(0, {"params": params})
   finally:
