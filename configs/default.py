@@ -58,6 +58,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Explicit MoE layer indices, e.g. (1, 2, 3); None = every moe_every-th layer.
   model.moe_layers = ml_collections.config_dict.placeholder(tuple)
   model.scale_tied_logits = True  # Tied logits times 1/sqrt(D) (ours); False for imported models.
+  # muP-style scales (Granite-MoE; 1 / 0 = off): embeddings times embedding_multiplier, each block
+  # branch times residual_multiplier, attention scores times attention_scale (0 = head_dim^-0.5),
+  # logits divided by logit_divisor.
+  model.embedding_multiplier = 1.0
+  model.residual_multiplier = 1.0
+  model.attention_scale = 0.0
+  model.logit_divisor = 1.0
   # Causal attention (a decoder LM, data.objective="lm"); False = a bidirectional encoder, which
   # needs data.objective="mlm" (configs/encoder.py).
   model.causal = True

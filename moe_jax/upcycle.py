@@ -41,7 +41,8 @@ _SHARED_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim"
 _SHARED_FIELDS_WITH_DEFAULTS = {
     "num_kv_heads": 0, "qk_norm": "none", "attention_bias": False, "attention_out_bias": False,
     "clip_qkv": None, "sliding_window": 0, "rope_base": 10_000.0, "rope_interleaved": False,
-    "norm_eps": 1e-6, "scale_tied_logits": True, "causal": True}
+    "norm_eps": 1e-6, "scale_tied_logits": True, "causal": True, "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0, "attention_scale": 0.0, "logit_divisor": 1.0}
 
 
 def _shared_value(model, field):

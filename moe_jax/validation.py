@@ -232,6 +232,12 @@ def _check_attention(problems: list[str], model) -> None:
   check("qk_norm", f"one of {attention.QK_NORMS}", lambda v: v in attention.QK_NORMS)
   check("attention", "one of ('mha', 'mla')", lambda v: v in ("mha", "mla"))
   check("clip_qkv", "None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
+  for name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
+    check(name, "a number > 0 (1 = off)", lambda v: _number(v) and v > 0)
+  mla = model.get("attention", "mha") == "mla"
+  check("attention_scale", "0 (= head_dim^-0.5)" + ("; attention='mla' sets its own scale" if mla
+                                                     else " or a number > 0"),
+        lambda v: _number(v) and (v == 0 or (v > 0 and not mla)))
   check("sliding_window", "an integer >= 0 (0 = no window)", _nonnegative_int)
   check("sliding_window_layers", f"None or layer indices in [0, num_layers={model.get('num_layers')})",
         lambda v: v is None or all(isinstance(i, int) and 0 <= i < model.num_layers for i in v))

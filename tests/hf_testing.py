@@ -26,8 +26,9 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama",
-            "qwen3"]
-MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"]
+            "qwen3", "deepseek_v2", "granitemoe"]
+MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss",
+                "deepseek_v2", "granitemoe"]
 
 VOCAB = 97  # awkward on purpose: divides by nothing a mesh axis has
 BATCH = 2
@@ -75,6 +76,21 @@ _FAMILY_CONFIGS = {
         rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
                              beta_slow=1.0, truncate=False,
                              original_max_position_embeddings=16))),
+    "deepseek_v2": ("DeepseekV2Config", dict(  # V2-Lite's shape: no query compression
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=3, n_group=4,
+        topk_group=2, topk_method="group_limited_greedy", n_shared_experts=2,
+        routed_scaling_factor=2.5, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+        qk_rope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
+                             beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+                             original_max_position_embeddings=16))),
+    "granitemoe": ("GraniteMoeConfig", dict(
+        hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_local_experts=8,
+        num_experts_per_tok=2, attention_bias=True,
+        # muP-style scales, each far enough from 1 (from head_dim^-0.5 = 0.35) to matter.
+        embedding_multiplier=4.0, residual_multiplier=0.6, attention_multiplier=0.8,
+        logits_scaling=1.5)),
     "llama": ("LlamaConfig", dict(
         hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -95,6 +111,10 @@ DETAIL_OFF = {
     "deepseek_v3": [dict(topk_group=4), dict(routed_scaling_factor=1.0),
                     dict(rope_interleave=False),
                     dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
+    "deepseek_v2": [dict(topk_group=4), dict(routed_scaling_factor=1.0),
+                    dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
+    "granitemoe": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
+                   dict(attention_multiplier=8 ** -0.5), dict(logits_scaling=1.0)],
     "gpt_oss": [dict(swiglu_limit=1e6), dict(sliding_window=64),
                 dict(rope_parameters=dict(rope_type="default", rope_theta=150000.0))],
 }

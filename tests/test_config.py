@@ -49,7 +49,17 @@ BAD_VALUES = [
     ("train.learning_rate", 0.0, ["config.train.learning_rate", "0.0", "> 0"]),
     ("train.keep_checkpoints", 0, ["config.train.keep_checkpoints", "positive"]),
     ("mesh.data", 0, ["config.mesh.data=0", "-1"]),
+    ("model.residual_multiplier", 0.0, ["config.model.residual_multiplier", "> 0"]),
+    ("model.logit_divisor", -2.0, ["config.model.logit_divisor", "-2.0"]),
+    ("model.attention_scale", -0.1, ["config.model.attention_scale", "-0.1"]),
 ]
+
+
+def test_attention_scale_is_mha_only():
+  config = default.get_config()
+  config.model.attention, config.model.attention_scale = "mla", 0.1
+  with pytest.raises(ConfigError, match=r"config.model.attention_scale=0.1.*'mla'"):
+    validate_config(config, num_devices=8)
 
 
 @pytest.mark.parametrize("path,value,words", BAD_VALUES, ids=[f"{p}={v}" for p, v, _ in BAD_VALUES])

@@ -21,14 +21,15 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.router_state import RouterState
-from moe_jax.hf import (common, deepseek_v3, gpt_oss, llama, mixtral, olmoe, qwen_moe,
+from moe_jax.hf import (common, deepseek_v2, deepseek_v3, gpt_oss, granitemoe, llama, mixtral, olmoe, qwen_moe,
                         safetensors_io, tensors)
 from moe_jax.hf.errors import CheckpointMismatchError, UnsupportedConfigError
 from moe_jax.models.transformer import Transformer, moe_layer_indices, sliding_window_of
 
 FAMILIES: dict[str, common.Family] = {
     f.model_type: f for f in (mixtral.FAMILY, qwen_moe.QWEN3_MOE, olmoe.FAMILY, qwen_moe.QWEN2_MOE,
-                              deepseek_v3.FAMILY, gpt_oss.FAMILY, llama.LLAMA, llama.QWEN3)}
+                              deepseek_v3.FAMILY, gpt_oss.FAMILY, llama.LLAMA, llama.QWEN3,
+                              deepseek_v2.FAMILY, granitemoe.FAMILY)}
 DTYPES = ("float32", "bfloat16", "float16")
 # Hub tensors transformers itself ignores on load.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -249,6 +250,10 @@ def _effective(model, name: str):
     return None
   if name == "head_dim" and model.get("attention", "mha") == "mla":
     return None  # MLA's head sizes are model.mla's
+  if name == "attention_scale" and model.get("attention", "mha") != "mla":
+    return float(value or model.head_dim ** -0.5)
+  if name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
+    return 1.0 if value is None else float(value)
   return _norm(value)
 
 

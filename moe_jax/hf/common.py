@@ -23,7 +23,8 @@ MATH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads
                "mlp_dim", "activation", "tie_embeddings", "scale_tied_logits", "rope_base",
                "rope_interleaved", "norm_eps", "qk_norm", "attention_bias", "attention_out_bias",
                "clip_qkv", "causal", "attention_sinks", "swiglu_alpha", "swiglu_limit",
-               "attention", "mla")
+               "attention", "mla", "embedding_multiplier", "residual_multiplier",
+               "attention_scale", "logit_divisor")
 MOE_MATH_FIELDS = ("router", "num_experts", "top_k", "expert_hidden_dim", "num_shared_experts",
                    "shared_expert_hidden_dim", "shared_expert_gate", "normalize_top_k",
                    "score_function", "num_expert_groups", "top_k_groups", "group_score",

@@ -14,9 +14,8 @@ from moe_jax.hf.common import Family, require
 from moe_jax.hf.tensors import HubNames
 
 
-def read(hub: dict, model) -> None:
-  require(hub, "num_experts_per_tok", "k >= 2 when norm_topk_prob (our K = 1 keeps the raw score)",
-          lambda v: v >= 2 or not hub.get("norm_topk_prob", True))
+def read_mla_and_layout(hub: dict, model) -> None:
+  """What DeepSeek-V2 and V3 share: MLA, the dense/MoE layer layout, expert and shared sizes."""
   layers = hub["num_hidden_layers"]
   model.attention = "mla"
   model.mla.q_lora_rank = hub.get("q_lora_rank") or 0
@@ -36,18 +35,25 @@ def read(hub: dict, model) -> None:
   moe.expert_hidden_dim = hub["moe_intermediate_size"]
   moe.num_shared_experts = hub.get("n_shared_experts") or 0
   moe.shared_expert_hidden_dim = 0
+  moe.routed_scaling_factor = float(hub.get("routed_scaling_factor", 1.0))
+
+
+def read(hub: dict, model) -> None:
+  require(hub, "num_experts_per_tok", "k >= 2 when norm_topk_prob (our K = 1 keeps the raw score)",
+          lambda v: v >= 2 or not hub.get("norm_topk_prob", True))
+  read_mla_and_layout(hub, model)
+  moe = model.moe
   moe.score_function = "sigmoid"
   moe.normalize_top_k = bool(hub.get("norm_topk_prob", True))
   moe.num_expert_groups = hub.get("n_group") or 1
   moe.top_k_groups = hub.get("topk_group") or 1
   moe.group_score = "top2_sum"
-  moe.routed_scaling_factor = float(hub.get("routed_scaling_factor", 1.0))
   moe.selection_bias = True
   moe.bias_update_rate = 0.001  # DeepSeek-V3's gamma (Sec. 2.1.2) should training continue
   moe.load_balance_loss_weight = 0.0  # V3 balances with the bias, not an auxiliary loss
 
 
-def write(model, hub: dict) -> None:
+def write_mla_and_layout(model, hub: dict) -> None:
   mla, moe = model.mla, model.moe
   moe_layers = sorted(model.moe_layers) if model.get("moe_layers") is not None else list(
       range(model.num_layers))
@@ -59,10 +65,14 @@ def write(model, hub: dict) -> None:
       rope_interleave=bool(model.rope_interleaved), attention_bias=bool(model.attention_bias),
       first_k_dense_replace=first_dense, n_routed_experts=moe.num_experts,
       num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_hidden_dim,
-      n_shared_experts=moe.num_shared_experts, norm_topk_prob=bool(moe.normalize_top_k),
-      n_group=moe.num_expert_groups, topk_group=moe.top_k_groups,
-      routed_scaling_factor=moe.routed_scaling_factor, scoring_func="sigmoid",
-      topk_method="noaux_tc")
+      n_shared_experts=moe.num_shared_experts, routed_scaling_factor=moe.routed_scaling_factor)
+
+
+def write(model, hub: dict) -> None:
+  write_mla_and_layout(model, hub)
+  moe = model.moe
+  hub.update(norm_topk_prob=bool(moe.normalize_top_k), n_group=moe.num_expert_groups,
+             topk_group=moe.top_k_groups, scoring_func="sigmoid", topk_method="noaux_tc")
 
 
 FAMILY = Family("deepseek_v3", "DeepseekV3ForCausalLM",

@@ -75,6 +75,30 @@ def stacked_gate_up(path: Path, gate_names: Sequence[str], up_names: Sequence[st
                     to_ours, to_hub)
 
 
+def concatenated_gate_up(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
+  """One hub tensor [E, 2F, D] of all experts' gate rows then up rows (Granite's input_linear) as
+  our interleaved w_gate_up [E, D, 2F]."""
+  num, d_model, twice_hidden = shape
+  hidden = twice_hidden // 2
+
+  def to_ours(ws):
+    gate, up = ws[0][:, :hidden].transpose(0, 2, 1), ws[0][:, hidden:].transpose(0, 2, 1)
+    return np.stack([gate, up], axis=-1).reshape(num, d_model, twice_hidden)
+
+  def to_hub(a):
+    pairs = a.reshape(num, d_model, hidden, 2)
+    return [np.concatenate([pairs[..., 0], pairs[..., 1]], axis=-1).transpose(0, 2, 1)]
+
+  return TensorSpec(path, (name,), ((num, twice_hidden, d_model),), to_ours, to_hub)
+
+
+def stacked_transposed(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
+  """One hub tensor [E, out, in] of all experts' Linear weights as our [E, in, out]."""
+  num, fan_in, fan_out = shape
+  return TensorSpec(path, (name,), ((num, fan_out, fan_in),),
+                    lambda ws: ws[0].transpose(0, 2, 1), lambda a: [a.transpose(0, 2, 1)])
+
+
 @dataclasses.dataclass(frozen=True)
 class HubNames:
   """The hub names of one family's decoder layer (Llama's by default), `{i}` = layer, `{e}` = expert."""
@@ -93,6 +117,9 @@ class HubNames:
   # Fused experts (GPT-OSS): one [E, D, 2F] gate_up tensor (gate/up interleaved, our layout), one
   # [E, F, D] down tensor, and their biases, under this prefix; "" = per-expert tensors.
   fused_experts: str = ""
+  # Concatenated experts (Granite-MoE): input_linear [E, 2F, D] (gate rows, then up rows) and
+  # output_linear [E, D, F] under this prefix.
+  concatenated_experts: str = ""
 
 
 def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[TensorSpec]:
@@ -180,6 +207,12 @@ def ffn_specs(model, block: Path, pre: str, is_moe: bool, names: HubNames) -> li
     if moe.get("expert_bias", False):
       specs += [identity(ffn + ("experts", "b_in"), fused + "gate_up_proj_bias", (e, 2 * f)),
                 identity(ffn + ("experts", "b_down"), fused + "down_proj_bias", (e, d))]
+  elif names.concatenated_experts:
+    prefix = pre + names.concatenated_experts
+    specs += [concatenated_gate_up(ffn + ("experts", "w_gate_up"), prefix + "input_linear.weight",
+                                   (e, d, 2 * f)),
+              stacked_transposed(ffn + ("experts", "w_down"), prefix + "output_linear.weight",
+                                 (e, f, d))]
   else:
     specs += [stacked_gate_up(ffn + ("experts", "w_gate_up"), expert(gate_p), expert(up_p),
                               (e, d, 2 * f)),

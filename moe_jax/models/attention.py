@@ -52,8 +52,9 @@ class Attention(nnx.Module):
                num_kv_heads: int = 0, rope_base: float = 10_000.0, rope_scaling=None,
                rope_interleaved: bool = False, qk_norm: str = "none", norm_eps: float = 1e-6,
                qkv_bias: bool = False, out_bias: bool = False, clip_qkv: float | None = None,
-               sliding_window: int = 0, sinks: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32, causal: bool = True):
+               sliding_window: int = 0, sinks: bool = False, softmax_scale: float = 0.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, causal: bool = True):
+    """`softmax_scale`: the score multiplier; 0 = head_dim^-0.5 (Granite sets its own)."""
     num_kv_heads = num_kv_heads or num_heads
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {head_dim}.")
@@ -70,6 +71,7 @@ class Attention(nnx.Module):
     self.qk_norm = qk_norm
     self.clip_qkv = clip_qkv
     self.sliding_window = sliding_window
+    self.softmax_scale = float(softmax_scale) or head_dim ** -0.5
     self.dtype = dtype
     self.causal = causal
     init_in = sharding.logical(
@@ -149,7 +151,7 @@ class Attention(nnx.Module):
     batch, queries = q.shape[:2]
     groups = q.reshape(batch, queries, self.num_kv_heads, -1, self.head_dim)  # [B, Q, Hkv, r, Dh]
     scores = jnp.einsum("bqgrk,bsgk->bgrqs", groups, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.head_dim ** -0.5)
+    scores = scores * self.softmax_scale
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     if self.sinks is None:
       probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)

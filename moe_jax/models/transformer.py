@@ -68,7 +68,7 @@ def build_attention(config, layer: int, *, rngs: nnx.Rngs) -> Attention | MultiH
       qkv_bias=config.get("attention_bias", False),
       out_bias=config.get("attention_out_bias", False), clip_qkv=config.get("clip_qkv"),
       sliding_window=sliding_window_of(config, layer), sinks=config.get("attention_sinks", False),
-      dtype=jnp.dtype(config.dtype),
+      softmax_scale=config.get("attention_scale", 0.0), dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype), causal=config.get("causal", True))
 
 
@@ -103,6 +103,8 @@ class Block(nnx.Module):
     self.attn = build_attention(config, layer, rngs=rngs)
     self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
     self.is_moe = layer in moe_layer_indices(config)
+    # Granite's muP-style branch scale: x + m * f(norm(x)); 1 elsewhere.
+    self.residual_multiplier = float(config.get("residual_multiplier", 1.0))
     if self.is_moe:
       self.ffn = MoELayer(config.moe, config.d_model, rngs=rngs,
                           activation=activation_of(config), dtype=dtype, param_dtype=param_dtype)
@@ -111,22 +113,27 @@ class Block(nnx.Module):
                      activation=activation_of(config), dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x, positions, mask, rng=None, *, train: bool = False, global_load=None):
-    x = x + self.attn(self.attn_norm(x), positions).astype(x.dtype)
+    x = self._residual(x, self.attn(self.attn_norm(x), positions))
     h = self.ffn_norm(x)
     if self.is_moe:
       y, aux = self.ffn(h, mask, train=train, rng=rng, global_load=global_load)
     else:
       y, aux = self.ffn(h), None
-    return x + y.astype(x.dtype), aux
+    return self._residual(x, y), aux
+
+  def _residual(self, x: jax.Array, branch: jax.Array) -> jax.Array:
+    if self.residual_multiplier != 1.0:
+      branch = branch * self.residual_multiplier
+    return x + branch.astype(x.dtype)
 
   def decode(self, x: jax.Array, cache: LayerCache,
              index: jax.Array | int) -> tuple[jax.Array, LayerCache]:
     """Incremental block: x [B, S, D] of new tokens at positions index.. -> (x, updated cache)."""
     attn_out, cache = self.attn.decode(self.attn_norm(x), cache, index)
-    x = x + attn_out.astype(x.dtype)
+    x = self._residual(x, attn_out)
     h = self.ffn_norm(x)
     y = moe_decode_ffn(self.ffn, h) if self.is_moe else self.ffn(h)
-    return x + y.astype(x.dtype), cache
+    return self._residual(x, y), cache
 
 
 def _run_block(block: Block, x, positions, mask, rng, train: bool, global_load=None):
@@ -151,6 +158,9 @@ class Transformer(nnx.Module):
     self.tie_embeddings = config.tie_embeddings
     # Our own tied models scale logits by 1/sqrt(D); imported tied models (Qwen3) do not.
     self.scale_tied_logits = config.get("scale_tied_logits", True)
+    # Granite's muP-style input and output scales (1 elsewhere): embeddings times m, logits / s.
+    self.embedding_multiplier = float(config.get("embedding_multiplier", 1.0))
+    self.logit_divisor = float(config.get("logit_divisor", 1.0))
     self.embed = nnx.Embed(
         config.vocab_size, config.d_model, param_dtype=param_dtype, dtype=self.dtype, rngs=rngs,
         embedding_init=sharding.logical(nnx.initializers.normal(1.0), ("vocab", "embed")))
@@ -180,7 +190,7 @@ class Transformer(nnx.Module):
     batch, seq = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
-    x = self.embed(tokens)
+    x = self._embed(tokens)
     layer_aux = {}
     run_block = nnx.remat(_run_block, static_argnums=(5,)) if self.remat else _run_block
     for i, block in enumerate(self.blocks):
@@ -200,9 +210,16 @@ class Transformer(nnx.Module):
     for i, stats in layer_stats.items():
       self.blocks[i].ffn.update_router_state(stats["expert_counts"], stats.get("gate_sparsity"))
 
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed(tokens)
+    return x * self.embedding_multiplier if self.embedding_multiplier != 1.0 else x
+
   def _logits(self, x: jax.Array) -> jax.Array:
     """Final norm and output projection: [B, S, D] -> float32 logits [B, S, V]."""
-    x = self.final_norm(x)
+    logits = self._project_out(self.final_norm(x))
+    return logits / self.logit_divisor if self.logit_divisor != 1.0 else logits
+
+  def _project_out(self, x: jax.Array) -> jax.Array:
     if self.tie_embeddings:
       # The embedding has unit-variance rows; 1/sqrt(D) keeps initial logits O(1).
       # Accumulated in f32 (not Embed.attend's compute dtype), like the untied projection.
@@ -239,7 +256,7 @@ class Transformer(nnx.Module):
       raise ValueError("Transformer.decode needs a causal decoder; this model has "
                        "model.causal=False (a bidirectional encoder sees later tokens, so it has "
                        "no token-by-token decoding).")
-    x = self.embed(tokens)
+    x = self._embed(tokens)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
       x, layer_cache = block.decode(x, layer_cache, index)
