@@ -39,7 +39,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # RoPE context-extension scaling (models/rope.py): kind "none" | "llama3" | "yarn" and its fields.
   model.rope_scaling = rope.default_scaling()
   model.rope_interleaved = False  # RoPE pairs (2i, 2i+1) (DeepSeek) instead of (i, i + Dh/2).
-  model.norm_eps = 1e-6  # RMSNorm epsilon.
+  model.norm = "rms"  # Block and final norm: "rms" (RMSNorm) | "layer" (bias-free LayerNorm, DBRX).
+  model.norm_eps = 1e-6  # Norm epsilon.
   model.attention = "mha"  # "mha" (multi-head / grouped-query) | "mla" (DeepSeek's latent attention).
   model.mla = mla.default_mla()  # attention="mla": q_lora_rank, kv_lora_rank, head dims.
   model.num_kv_heads = 0  # Key/value heads (grouped-query attention); 0 = num_heads (MHA).

@@ -42,7 +42,7 @@ _SHARED_FIELDS_WITH_DEFAULTS = {
     "num_kv_heads": 0, "qk_norm": "none", "attention_bias": False, "attention_out_bias": False,
     "clip_qkv": None, "sliding_window": 0, "rope_base": 10_000.0, "rope_interleaved": False,
     "norm_eps": 1e-6, "scale_tied_logits": True, "causal": True, "embedding_multiplier": 1.0,
-    "residual_multiplier": 1.0, "attention_scale": 0.0, "logit_divisor": 1.0}
+    "residual_multiplier": 1.0, "attention_scale": 0.0, "logit_divisor": 1.0, "norm": "rms"}
 
 
 def _shared_value(model, field):

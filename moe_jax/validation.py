@@ -218,7 +218,7 @@ def _check_tokenizer(problems: list[str], config, tokenizer) -> None:
 def _check_attention(problems: list[str], model) -> None:
   """Fields of grouped-query attention, qk-norm, RoPE scaling and the layer layout (optional:
   configs written before they existed take the defaults)."""
-  from moe_jax.models import attention, rope  # pylint: disable=g-import-not-at-top
+  from moe_jax.models import attention, norms, rope  # pylint: disable=g-import-not-at-top
 
   def check(name, allowed, predicate):
     if name in model:
@@ -230,6 +230,7 @@ def _check_attention(problems: list[str], model) -> None:
   check("num_kv_heads", f"0 (= num_heads) or a positive divisor of num_heads={heads}",
         lambda v: v == 0 or (_positive_int(v) and _positive_int(heads) and heads % v == 0))
   check("qk_norm", f"one of {attention.QK_NORMS}", lambda v: v in attention.QK_NORMS)
+  check("norm", f"one of {tuple(norms.NORMS)}", lambda v: v in norms.NORMS)
   check("attention", "one of ('mha', 'mla')", lambda v: v in ("mha", "mla"))
   check("clip_qkv", "None or a number > 0", lambda v: v is None or (_number(v) and v > 0))
   for name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):

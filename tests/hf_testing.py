@@ -1,6 +1,6 @@
 """Tiny random Hugging Face checkpoints and transformers reference logits for the `moe_jax.hf` tests.
 
-Each family's model is built from a config (no download), with every RMSNorm weight drawn from
+Each family's model is built from a config (no download), with every RMSNorm and LayerNorm weight drawn from
 1 + 0.3 N(0, 1), every bias (DeepSeek-V3's e_score_correction_bias included) from 0.1 N(0, 1) and
 GPT-OSS's sinks from N(0, 1) so that a norm or bias the importer drops or
 misplaces moves the logits, and saved with `save_pretrained` (safetensors, hub layout). The
@@ -26,9 +26,9 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama",
-            "qwen3", "deepseek_v2", "granitemoe"]
+            "qwen3", "deepseek_v2", "granitemoe", "dbrx"]
 MOE_FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss",
-                "deepseek_v2", "granitemoe"]
+                "deepseek_v2", "granitemoe", "dbrx"]
 
 VOCAB = 97  # awkward on purpose: divides by nothing a mesh axis has
 BATCH = 2
@@ -91,6 +91,11 @@ _FAMILY_CONFIGS = {
         # muP-style scales, each far enough from 1 (from head_dim^-0.5 = 0.35) to matter.
         embedding_multiplier=4.0, residual_multiplier=0.6, attention_multiplier=0.8,
         logits_scaling=1.5)),
+    "dbrx": ("DbrxConfig", dict(  # nested configs under DBRX's own names
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=MAX_POSITIONS,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0,
+                         clip_qkv=0.5),  # un-normalised q/k/v: std ~0.6 here, so it bites
+        ffn_config=dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2))),
     "llama": ("LlamaConfig", dict(
         hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
@@ -115,6 +120,8 @@ DETAIL_OFF = {
                     dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0))],
     "granitemoe": [dict(embedding_multiplier=1.0), dict(residual_multiplier=1.0),
                    dict(attention_multiplier=8 ** -0.5), dict(logits_scaling=1.0)],
+    # (clip_qkv=None crashes transformers 5.24's DBRX, torch.clamp(None, None); 1e6 never clamps)
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=1e6)),
     "gpt_oss": [dict(swiglu_limit=1e6), dict(sliding_window=64),
                 dict(rope_parameters=dict(rope_type="default", rope_theta=150000.0))],
 }
@@ -123,7 +130,10 @@ DETAIL_OFF = {
 def family_config(family: str, **overrides) -> transformers.PreTrainedConfig:
   """The tiny transformers config of `family`, with `overrides` applied to its fields."""
   class_name, fields = _FAMILY_CONFIGS[family]
-  kwargs = {**_COMMON, **copy.deepcopy(fields), **overrides}
+  common = dict(_COMMON)
+  if family == "dbrx":  # its own names (d_model, n_heads, ...); kv heads live in attn_config
+    common = dict(vocab_size=VOCAB, initializer_range=_COMMON["initializer_range"])
+  kwargs = {**common, **copy.deepcopy(fields), **overrides}
   return getattr(transformers, class_name)(**kwargs)
 
 
@@ -133,10 +143,10 @@ def make_tokens(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> np.ndarray
 
 
 def _perturb(model: torch.nn.Module) -> None:
-  """RMSNorm weights <- 1 + 0.3 N(0,1), biases <- 0.1 N(0,1), in place (seeded by the caller)."""
+  """RMSNorm and LayerNorm weights <- 1 + 0.3 N(0,1), biases <- 0.1 N(0,1), in place (seeded by the caller)."""
   with torch.no_grad():
     for module in model.modules():
-      if type(module).__name__.endswith("RMSNorm"):
+      if type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
         module.weight.copy_(1.0 + 0.3 * torch.randn_like(module.weight))
     for name, param in model.named_parameters():
       if name.endswith(".bias") or name.endswith("_bias"):

@@ -451,3 +451,25 @@ def test_validate_config_rejects_out_of_range_moe_layers():
   config.model.moe_layers = (0, 9)
   with pytest.raises(validation.ConfigError, match=r"model\.moe_layers"):
     validation.validate_config(config)
+
+
+# --------------------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_residual_norms_match_float64_reference(kind):
+  """RMSNorm and the bias-free LayerNorm against their formulas in float64, at an awkward width
+  with a non-zero mean (where the two differ) and a scale away from 1."""
+  from moe_jax.models import norms  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, 5, 37)) * 2.0 + 0.7
+  scale = 1.0 + 0.3 * rng.standard_normal(37)
+  config = ml_collections.ConfigDict({"norm": kind, "norm_eps": 1e-5})
+  norm = norms.residual_norm(config, 37, param_dtype=jnp.float32)
+  norm.scale[...] = jnp.asarray(scale, jnp.float32)
+  if kind == "rms":
+    expected = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + 1e-5) * scale
+  else:
+    centred = x - x.mean(-1, keepdims=True)
+    expected = centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-5) * scale
+  assert rel_err(norm(jnp.asarray(x, jnp.float32)), expected) < 1e-5

@@ -21,7 +21,7 @@ from flax import nnx
 
 from moe_jax import sharding
 from moe_jax.router_state import RouterState
-from moe_jax.hf import (common, deepseek_v2, deepseek_v3, gpt_oss, granitemoe, llama, mixtral, olmoe, qwen_moe,
+from moe_jax.hf import (common, dbrx, deepseek_v2, deepseek_v3, gpt_oss, granitemoe, llama, mixtral, olmoe, qwen_moe,
                         safetensors_io, tensors)
 from moe_jax.hf.errors import CheckpointMismatchError, UnsupportedConfigError
 from moe_jax.models.transformer import Transformer, moe_layer_indices, sliding_window_of
@@ -29,7 +29,7 @@ from moe_jax.models.transformer import Transformer, moe_layer_indices, sliding_w
 FAMILIES: dict[str, common.Family] = {
     f.model_type: f for f in (mixtral.FAMILY, qwen_moe.QWEN3_MOE, olmoe.FAMILY, qwen_moe.QWEN2_MOE,
                               deepseek_v3.FAMILY, gpt_oss.FAMILY, llama.LLAMA, llama.QWEN3,
-                              deepseek_v2.FAMILY, granitemoe.FAMILY)}
+                              deepseek_v2.FAMILY, granitemoe.FAMILY, dbrx.FAMILY)}
 DTYPES = ("float32", "bfloat16", "float16")
 # Hub tensors transformers itself ignores on load.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -62,6 +62,7 @@ def config_from_hub(hub: dict, *, dtype: str | None = None) -> ml_collections.Co
   family = family_of(hub.get("model_type"))
   config = common.default_experiment_config()
   model = config.model
+  original, hub = hub, family.flatten(hub) if family.flatten else hub
   common.read_common(hub, model, family)
   family.read(hub, model)
   dtype = dtype or hub.get("dtype") or hub.get("torch_dtype") or "float32"
@@ -69,7 +70,7 @@ def config_from_hub(hub: dict, *, dtype: str | None = None) -> ml_collections.Co
     raise UnsupportedConfigError(f"dtype={dtype!r} is not supported; supported: {DTYPES}.")
   model.dtype = model.param_dtype = dtype
   config.hf = ml_collections.ConfigDict({"model_type": family.model_type,
-                                         "config_json": json.dumps(hub, sort_keys=True)})
+                                         "config_json": json.dumps(original, sort_keys=True)})
   return config
 
 
@@ -132,14 +133,15 @@ def load_state(path: str, config, mesh: jax.sharding.Mesh | None = None) -> dict
         f"{unexpected[:5]}.")
   loaded = jax.tree.map(lambda _: None, targets)
   for spec in specs:
-    target = _get(targets[spec.collection], spec.path)
-    value = np.asarray(spec.to_ours([reader.read(n) for n in spec.sources]))
-    value = value.astype(dtype if spec.collection == "params" else target.dtype)
-    assert value.shape == target.shape, (spec.path, value.shape, target.shape)
-    where = None if shardings is None else _get(shardings[spec.collection], spec.path)
-    _set(loaded[spec.collection], spec.path,
-         jax.device_put(value, where) if where is not None else jnp.asarray(value))
-    del value
+    values = spec.ours([reader.read(n) for n in spec.sources])
+    for path, value in zip(spec.paths, values):
+      target = _get(targets[spec.collection], path)
+      value = np.asarray(value).astype(dtype if spec.collection == "params" else target.dtype)
+      assert value.shape == target.shape, (path, value.shape, target.shape)
+      where = None if shardings is None else _get(shardings[spec.collection], path)
+      _set(loaded[spec.collection], path,
+           jax.device_put(value, where) if where is not None else jnp.asarray(value))
+    del values, value
   return loaded
 
 
@@ -250,6 +252,8 @@ def _effective(model, name: str):
     return None
   if name == "head_dim" and model.get("attention", "mha") == "mla":
     return None  # MLA's head sizes are model.mla's
+  if name == "norm":
+    return value or "rms"
   if name == "attention_scale" and model.get("attention", "mha") != "mla":
     return float(value or model.head_dim ** -0.5)
   if name in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
@@ -284,8 +288,9 @@ def save_pretrained(model: Transformer, config, out_dir: str, *, model_type: str
 
   def stream():
     for spec in model_specs(export_config):
-      value = np.asarray(jax.device_get(_get(state[spec.collection], spec.path)))
-      for name, tensor in zip(spec.sources, spec.to_hub(value)):
+      values = [np.asarray(jax.device_get(_get(state[spec.collection], path)))
+                for path in spec.paths]
+      for name, tensor in zip(spec.sources, spec.hub(values)):
         yield name, np.ascontiguousarray(tensor)
 
   files = safetensors_io.write_checkpoint(stream(), out_dir, max_shard_bytes=max_shard_bytes)

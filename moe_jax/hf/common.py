@@ -24,7 +24,7 @@ MATH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads
                "rope_interleaved", "norm_eps", "qk_norm", "attention_bias", "attention_out_bias",
                "clip_qkv", "causal", "attention_sinks", "swiglu_alpha", "swiglu_limit",
                "attention", "mla", "embedding_multiplier", "residual_multiplier",
-               "attention_scale", "logit_divisor")
+               "attention_scale", "logit_divisor", "norm")
 MOE_MATH_FIELDS = ("router", "num_experts", "top_k", "expert_hidden_dim", "num_shared_experts",
                    "shared_expert_hidden_dim", "shared_expert_gate", "normalize_top_k",
                    "score_function", "num_expert_groups", "top_k_groups", "group_score",
@@ -45,6 +45,9 @@ class Family:
   layer_types: tuple[str, ...] = ("full_attention",)  # `layer_types` entries it implements
   # Hub tensors of layers >= num_hidden_layers that transformers ignores (DeepSeek-V3's MTP).
   ignores_extra_layers: bool = False
+  # Maps a hub config with its own field names (DBRX's nested attn/ffn configs) onto the
+  # standard names `read_common` and `read` take; None = already standard.
+  flatten: Callable[[dict], dict] | None = None
 
   def ignored(self, name: str, num_layers: int) -> bool:
     """Whether transformers ignores hub tensor `name` on load (so do we)."""

@@ -18,13 +18,31 @@ Path = tuple  # keys into the pure parameter dict, e.g. ("blocks", 0, "attn", "w
 
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
-  """One parameter: its path, the hub tensors it is made of, and the two conversions."""
+  """One parameter: its path, the hub tensors it is made of, and the two conversions.
+
+  With `extra_paths` (one hub tensor holding several of our parameters, e.g. DBRX's fused Wqkv),
+  `to_ours` returns a list, one array per path of `paths`, and `to_hub` takes that list.
+  """
   path: Path
   sources: tuple[str, ...]  # hub tensor names
   hub_shapes: tuple[tuple[int, ...], ...]  # their expected shapes
   to_ours: Callable[[list[np.ndarray]], np.ndarray]
   to_hub: Callable[[np.ndarray], list[np.ndarray]]
   collection: str = "params"  # or "router_state" (DeepSeek-V3's e_score_correction_bias)
+  extra_paths: tuple[Path, ...] = ()
+
+  @property
+  def paths(self) -> tuple[Path, ...]:
+    return (self.path,) + self.extra_paths
+
+  def ours(self, hub_tensors: list[np.ndarray]) -> list[np.ndarray]:
+    """Our arrays, one per path of `paths`."""
+    value = self.to_ours(hub_tensors)
+    return list(value) if self.extra_paths else [value]
+
+  def hub(self, ours: list[np.ndarray]) -> list[np.ndarray]:
+    """The hub tensors, one per source, from our arrays (one per path of `paths`)."""
+    return self.to_hub(ours if self.extra_paths else ours[0])
 
 
 def linear(path: Path, name: str, shape: Sequence[int], num_in: int) -> TensorSpec:
@@ -46,6 +64,58 @@ def same(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
 def identity(path: Path, name: str, shape: Sequence[int]) -> TensorSpec:
   """A hub tensor of exactly our shape and layout."""
   return TensorSpec(path, (name,), (tuple(shape),), lambda w: w[0], lambda a: [a])
+
+
+def fused_qkv(paths: Sequence[Path], name: str, d_model: int, heads: int, kv_heads: int,
+              head_dim: int) -> TensorSpec:
+  """One hub Linear [(H + 2 H_kv) Dh, D] of q, then k, then v rows (DBRX's Wqkv) as our w_q
+  [D, H, Dh], w_k and w_v [D, H_kv, Dh]."""
+  sizes = (heads, kv_heads, kv_heads)
+  rows = [n * head_dim for n in sizes]
+
+  def to_ours(ws):
+    parts = np.split(ws[0], np.cumsum(rows)[:-1], axis=0)
+    return [p.T.reshape(d_model, n, head_dim) for p, n in zip(parts, sizes)]
+
+  def to_hub(arrays):
+    return [np.concatenate([a.reshape(d_model, -1).T for a in arrays], axis=0)]
+
+  return TensorSpec(tuple(paths[0]), (name,), ((sum(rows), d_model),), to_ours, to_hub,
+                    extra_paths=tuple(tuple(p) for p in paths[1:]))
+
+
+def flat_experts(path: Path, name: str, shape: Sequence[int], transpose: bool) -> TensorSpec:
+  """One hub tensor [E F, D] of all experts (DBRX's w1, v1, w2) as our [E, D, F] (`transpose`,
+  the gate and up weights) or [E, F, D] (the down weight, stored as used)."""
+  num = shape[0]
+  hidden = shape[2] if transpose else shape[1]
+  d_model = shape[1] if transpose else shape[2]
+
+  def to_ours(ws):
+    w = ws[0].reshape(num, hidden, d_model)
+    return w.transpose(0, 2, 1) if transpose else w
+
+  def to_hub(a):
+    return [(a.transpose(0, 2, 1) if transpose else a).reshape(num * hidden, d_model)]
+
+  return TensorSpec(path, (name,), ((num * hidden, d_model),), to_ours, to_hub)
+
+
+def flat_gate_up(path: Path, gate: str, up: str, shape: Sequence[int]) -> TensorSpec:
+  """DBRX's w1 (gate) and v1 (up), each [E F, D], as our interleaved w_gate_up [E, D, 2F]."""
+  num, d_model, twice_hidden = shape
+  hidden = twice_hidden // 2
+  one = flat_experts(path, gate, (num, d_model, hidden), transpose=True)
+
+  def to_ours(ws):
+    gate_w, up_w = one.to_ours([ws[0]]), one.to_ours([ws[1]])
+    return np.stack([gate_w, up_w], axis=-1).reshape(num, d_model, twice_hidden)
+
+  def to_hub(a):
+    pairs = a.reshape(num, d_model, hidden, 2)
+    return one.to_hub(pairs[..., 0]) + one.to_hub(pairs[..., 1])
+
+  return TensorSpec(path, (gate, up), one.hub_shapes * 2, to_ours, to_hub)
 
 
 def stacked_linear(path: Path, names: Sequence[str], shape: Sequence[int]) -> TensorSpec:
@@ -120,6 +190,13 @@ class HubNames:
   # Concatenated experts (Granite-MoE): input_linear [E, 2F, D] (gate rows, then up rows) and
   # output_linear [E, D, F] under this prefix.
   concatenated_experts: str = ""
+  # Flat experts (DBRX): w1 (gate), v1 (up), w2 (down), each [E F, D], under this prefix.
+  flat_experts: str = ""
+  # DBRX's one Wqkv weight under the attention prefix instead of q/k/v_proj; "" = separate.
+  fused_qkv: str = ""
+  out_proj: str = "o_proj"
+  embed: str = "model.embed_tokens.weight"
+  final_norm: str = "model.norm.weight"
 
 
 def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[TensorSpec]:
@@ -134,12 +211,14 @@ def layer_specs(model, layer: int, is_moe: bool, names: HubNames) -> list[Tensor
   if model.get("attention", "mha") == "mla":
     specs += mla_specs(model, block + ("attn",), at)
     return specs + ffn_specs(model, block, pre, is_moe, names)
-  specs += [
-      linear(block + ("attn", "w_q"), at + "q_proj.weight", (d, h, dh), 1),
-      linear(block + ("attn", "w_k"), at + "k_proj.weight", (d, kv, dh), 1),
-      linear(block + ("attn", "w_v"), at + "v_proj.weight", (d, kv, dh), 1),
-      linear(block + ("attn", "w_o"), at + "o_proj.weight", (h, dh, d), 2),
-  ]
+  if names.fused_qkv:
+    specs.append(fused_qkv([block + ("attn", w) for w in ("w_q", "w_k", "w_v")],
+                           at + names.fused_qkv, d, h, kv, dh))
+  else:
+    specs += [linear(block + ("attn", "w_q"), at + "q_proj.weight", (d, h, dh), 1),
+              linear(block + ("attn", "w_k"), at + "k_proj.weight", (d, kv, dh), 1),
+              linear(block + ("attn", "w_v"), at + "v_proj.weight", (d, kv, dh), 1)]
+  specs.append(linear(block + ("attn", "w_o"), at + names.out_proj + ".weight", (h, dh, d), 2))
   if model.get("attention_bias", False):
     specs += [same(block + ("attn", "b_q"), at + "q_proj.bias", (h, dh)),
               same(block + ("attn", "b_k"), at + "k_proj.bias", (kv, dh)),
@@ -207,6 +286,11 @@ def ffn_specs(model, block: Path, pre: str, is_moe: bool, names: HubNames) -> li
     if moe.get("expert_bias", False):
       specs += [identity(ffn + ("experts", "b_in"), fused + "gate_up_proj_bias", (e, 2 * f)),
                 identity(ffn + ("experts", "b_down"), fused + "down_proj_bias", (e, d))]
+  elif names.flat_experts:
+    prefix = pre + names.flat_experts
+    specs += [flat_gate_up(ffn + ("experts", "w_gate_up"), prefix + "w1", prefix + "v1",
+                           (e, d, 2 * f)),
+              flat_experts(ffn + ("experts", "w_down"), prefix + "w2", (e, f, d), transpose=False)]
   elif names.concatenated_experts:
     prefix = pre + names.concatenated_experts
     specs += [concatenated_gate_up(ffn + ("experts", "w_gate_up"), prefix + "input_linear.weight",
@@ -234,11 +318,10 @@ def mlp_specs(path: Path, prefix: str, d_model: int, hidden: int) -> list[Tensor
 
 def model_specs(model, moe_layers: Sequence[int], names: HubNames) -> list[TensorSpec]:
   """Every parameter of `config.model` `model` (embedding, layers, final norm, output)."""
-  specs = [identity(("embed", "embedding"), "model.embed_tokens.weight",
-                    (model.vocab_size, model.d_model))]
+  specs = [identity(("embed", "embedding"), names.embed, (model.vocab_size, model.d_model))]
   for i in range(model.num_layers):
     specs += layer_specs(model, i, i in moe_layers, names)
-  specs.append(same(("final_norm", "scale"), "model.norm.weight", (model.d_model,)))
+  specs.append(same(("final_norm", "scale"), names.final_norm, (model.d_model,)))
   if not model.tie_embeddings:
     specs.append(linear(("unembed",), "lm_head.weight", (model.d_model, model.vocab_size), 1))
   return specs

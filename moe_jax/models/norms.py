@@ -1,4 +1,5 @@
-"""RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w over the last axis."""
+"""Norms over the last axis: RMSNorm (Zhang & Sennrich 2019), x / sqrt(mean(x^2) + eps) * w, and
+the bias-free LayerNorm (Ba et al. 2016) of DBRX, (x - mean(x)) / sqrt(var(x) + eps) * w."""
 from __future__ import annotations
 
 import jax
@@ -29,3 +30,21 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return (rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(RMSNorm):
+  """Bias-free LayerNorm over the last axis [..., D] with a learned scale w [D], in float32."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    normed = centred * jax.lax.rsqrt(jnp.mean(centred ** 2, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
+
+
+def residual_norm(config, dim: int, *, param_dtype) -> RMSNorm:
+  """The block and final norm of `config.model`: `norm` "rms" (default) or "layer"."""
+  return NORMS[config.get("norm", "rms")](dim, eps=config.norm_eps, param_dtype=param_dtype)

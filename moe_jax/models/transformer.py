@@ -1,6 +1,6 @@
 """Transformer LM with a dense or MoE FFN in each block (Flax NNX): a causal decoder or an encoder.
 
-Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019, `models/norms.py`), multi-head or grouped-query
+Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019, or DBRX's bias-free LayerNorm: `models/norms.py`), multi-head or grouped-query
 attention with RoPE and its variants (`models/attention.py`, `models/rope.py`), and an FFN that is an
 `MLP` or, in the MoE layers (every `moe_every`-th, or the explicit `moe_layers`), a `MoELayer`.
 Attention is causal by default (a decoder-only LM); `config.causal=False` drops the mask, which
@@ -24,7 +24,7 @@ from moe_jax import dispatch, routing, sharding
 from moe_jax.experts import activation_of
 from moe_jax.models.attention import Attention, LayerCache
 from moe_jax.models.mla import MultiHeadLatentAttention
-from moe_jax.models.norms import RMSNorm
+from moe_jax.models.norms import residual_norm
 from moe_jax.moe import MLP, MoELayer
 
 
@@ -99,9 +99,9 @@ class Block(nnx.Module):
 
   def __init__(self, config, layer: int, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-    self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.attn_norm = residual_norm(config, config.d_model, param_dtype=param_dtype)
     self.attn = build_attention(config, layer, rngs=rngs)
-    self.ffn_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.ffn_norm = residual_norm(config, config.d_model, param_dtype=param_dtype)
     self.is_moe = layer in moe_layer_indices(config)
     # Granite's muP-style branch scale: x + m * f(norm(x)); 1 elsewhere.
     self.residual_multiplier = float(config.get("residual_multiplier", 1.0))
@@ -165,7 +165,7 @@ class Transformer(nnx.Module):
         config.vocab_size, config.d_model, param_dtype=param_dtype, dtype=self.dtype, rngs=rngs,
         embedding_init=sharding.logical(nnx.initializers.normal(1.0), ("vocab", "embed")))
     self.blocks = nnx.List([Block(config, i, rngs=rngs) for i in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, param_dtype=param_dtype)
+    self.final_norm = residual_norm(config, config.d_model, param_dtype=param_dtype)
     if not self.tie_embeddings:
       init = sharding.logical(nnx.initializers.variance_scaling(1.0, "fan_in",
                                                                      "truncated_normal"),
