@@ -108,14 +108,24 @@ def flat_gate_up(path: Path, gate: str, up: str, shape: Sequence[int]) -> Tensor
   one = flat_experts(path, gate, (num, d_model, hidden), transpose=True)
 
   def to_ours(ws):
-    gate_w, up_w = one.to_ours([ws[0]]), one.to_ours([ws[1]])
-    return np.stack([gate_w, up_w], axis=-1).reshape(num, d_model, twice_hidden)
+    return _interleave(one.to_ours([ws[0]]), one.to_ours([ws[1]]))
 
   def to_hub(a):
-    pairs = a.reshape(num, d_model, hidden, 2)
-    return one.to_hub(pairs[..., 0]) + one.to_hub(pairs[..., 1])
+    gate_w, up_w = _deinterleave(a)
+    return one.to_hub(gate_w) + one.to_hub(up_w)
 
   return TensorSpec(path, (gate, up), one.hub_shapes * 2, to_ours, to_hub)
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+  """gate, up [..., F] as our w_gate_up [..., 2F] (`experts.fuse_gate_up`, in NumPy on the host)."""
+  return np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+
+
+def _deinterleave(gate_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The inverse of `_interleave`: (gate, up) [..., F]."""
+  pairs = gate_up.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2, 2)
+  return pairs[..., 0], pairs[..., 1]
 
 
 def stacked_linear(path: Path, names: Sequence[str], shape: Sequence[int]) -> TensorSpec:
@@ -133,13 +143,11 @@ def stacked_gate_up(path: Path, gate_names: Sequence[str], up_names: Sequence[st
   hidden = twice_hidden // 2
 
   def to_ours(ws):
-    gate = np.stack([w.T for w in ws[:num]])
-    up = np.stack([w.T for w in ws[num:]])
-    return np.stack([gate, up], axis=-1).reshape(num, d_model, twice_hidden)
+    return _interleave(np.stack([w.T for w in ws[:num]]), np.stack([w.T for w in ws[num:]]))
 
   def to_hub(a):
-    pairs = a.reshape(num, d_model, hidden, 2)
-    return [pairs[e, :, :, 0].T for e in range(num)] + [pairs[e, :, :, 1].T for e in range(num)]
+    gate, up = _deinterleave(a)
+    return [gate[e].T for e in range(num)] + [up[e].T for e in range(num)]
 
   return TensorSpec(path, tuple(gate_names) + tuple(up_names), ((hidden, d_model),) * 2 * num,
                     to_ours, to_hub)
@@ -152,12 +160,10 @@ def concatenated_gate_up(path: Path, name: str, shape: Sequence[int]) -> TensorS
   hidden = twice_hidden // 2
 
   def to_ours(ws):
-    gate, up = ws[0][:, :hidden].transpose(0, 2, 1), ws[0][:, hidden:].transpose(0, 2, 1)
-    return np.stack([gate, up], axis=-1).reshape(num, d_model, twice_hidden)
+    return _interleave(ws[0][:, :hidden].transpose(0, 2, 1), ws[0][:, hidden:].transpose(0, 2, 1))
 
   def to_hub(a):
-    pairs = a.reshape(num, d_model, hidden, 2)
-    return [np.concatenate([pairs[..., 0], pairs[..., 1]], axis=-1).transpose(0, 2, 1)]
+    return [np.concatenate(_deinterleave(a), axis=-1).transpose(0, 2, 1)]
 
   return TensorSpec(path, (name,), ((num, twice_hidden, d_model),), to_ours, to_hub)
 
